@@ -1,0 +1,3 @@
+from buildfleet.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""The `buildfleet` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from buildfleet import __version__
+from buildfleet.config import ConfigError, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="buildfleet")
+def main() -> None:
+    """buildfleet: a remote-execution grid for Bazel and other REAPI v2 clients."""
+
+
+@main.command()
+@click.option("--listen", "listen", multiple=True, metavar="HOST:PORT",
+              help="Address to serve on (repeatable). Default 127.0.0.1:50051.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where blobs, the action cache and scheduler state live. "
+                   "Default ./buildfleet-data.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML configuration file (instances, storage backends, limits).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | None,
+          log_level: str) -> None:
+    """Run the server in the foreground until SIGTERM or Ctrl-C."""
+    from buildfleet.server.app import serve as run_server
+
+    _setup_logging(log_level)
+    try:
+        config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir)
+    except (ConfigError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    try:
+        asyncio.run(run_server(config))
+    except OSError as error:
+        raise click.ClickException(str(error)) from None

@@ -1,0 +1,263 @@
+"""Server configuration: a YAML file validated by pydantic, with embedded defaults.
+
+With no file at all the server listens on 127.0.0.1:50051, keeps its data under
+``./buildfleet-data`` and serves one instance named ``""`` whose CAS and action
+cache are on disk.  Keys are spelled with dashes (``data-dir``); an unknown key or
+a bad value stops start-up with a message that names the key.  Relative paths of
+disk storage are relative to ``data-dir``.
+
+Example::
+
+    listen: ["0.0.0.0:50051"]
+    data-dir: /var/lib/buildfleet
+    storage:
+      shared-cas: {type: disk, path: cas, max-size: 200GiB}
+    instances:
+      "": {cas: shared-cas}
+      "ci": {cas: shared-cas, action-cache: {type: memory, max-size: 256MiB}}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = "./buildfleet-data"
+MiB = 1024 * 1024
+
+# Path segments that REAPI resource names use as markers; an instance name
+# containing one could not be told apart from the rest of a resource name.
+RESERVED_SEGMENTS = frozenset({
+    "blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
+    "compressed-blobs",
+})
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names every offending key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=lambda name: name.replace("_", "-"),
+        populate_by_name=True,
+        frozen=True,
+    )
+
+
+class DiskStorage(_Model):
+    """Files under a directory; survives restarts."""
+
+    type: Literal["disk"]
+    path: str
+    max_size: ByteSize | None = Field(default=None, gt=0)
+    fsync: bool = False
+
+
+class MemoryStorage(_Model):
+    """A dict in the server process, bounded with least-recently-used eviction."""
+
+    type: Literal["memory"]
+    max_size: ByteSize = Field(default=ByteSize(1024 * MiB), gt=0)
+
+
+class SizeLimitedStorage(_Model):
+    """Any backend, bounded with least-recently-used eviction."""
+
+    type: Literal["size-limited"]
+    max_size: ByteSize = Field(gt=0)
+    backend: StorageRef
+
+
+STORAGE_TYPES = frozenset({"disk", "memory", "size-limited"})
+StorageSpec = Annotated[
+    DiskStorage | MemoryStorage | SizeLimitedStorage, Field(discriminator="type")
+]
+# A storage is either declared inline or named from the top-level `storage` map.
+StorageRef = str | StorageSpec
+SizeLimitedStorage.model_rebuild()
+
+
+class InstanceConfig(_Model):
+    """One REAPI instance: its CAS, its action cache and their limits."""
+
+    cas: StorageRef | None = None
+    action_cache: StorageRef | None = None
+    allow_action_cache_updates: bool = True
+    max_batch_total_size: ByteSize = Field(default=ByteSize(4 * MiB), ge=64 * 1024)
+    max_inline_size: ByteSize = Field(default=ByteSize(1 * MiB), ge=0)
+
+
+class ServerConfig(_Model):
+    """The whole server."""
+
+    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN], min_length=1)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    grace_period: float = Field(default=10.0, ge=0)
+    storage: dict[str, StorageSpec] = Field(default_factory=dict)
+    instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, addresses: list[str]) -> list[str]:
+        for address in addresses:
+            parse_listen_address(address)
+        return addresses
+
+    @field_validator("instances")
+    @classmethod
+    def _check_instance_names(cls, instances: dict[str, Any]) -> dict[str, Any]:
+        if not instances:
+            raise ValueError("at least one instance is required")
+        for name in instances:
+            check_instance_name(name)
+        return instances
+
+    @model_validator(mode="after")
+    def _check_references(self) -> ServerConfig:
+        def check(ref: StorageRef | None, where: str) -> None:
+            if isinstance(ref, str):
+                if ref not in self.storage:
+                    known = ", ".join(sorted(self.storage)) or "none declared"
+                    raise ValueError(f"{where}: no storage named {ref!r} (storage: {known})")
+            elif isinstance(ref, SizeLimitedStorage):
+                check(ref.backend, f"{where}.backend")
+
+        for name, spec in self.storage.items():
+            check(spec, f"storage.{name}")
+        for name, instance in self.instances.items():
+            check(instance.cas, f"instances.{name!r}.cas")
+            check(instance.action_cache, f"instances.{name!r}.action-cache")
+        return self
+
+    def resolve(self, ref: StorageRef) -> StorageSpec:
+        """The storage spec that a reference names."""
+        return self.storage[ref] if isinstance(ref, str) else ref
+
+    def with_overrides(self, *, listen: list[str] | None = None,
+                       data_dir: Path | None = None) -> ServerConfig:
+        """A copy with command-line overrides applied."""
+        update: dict[str, Any] = {}
+        if listen:
+            for address in listen:
+                parse_listen_address(address)
+            update["listen"] = list(listen)
+        if data_dir is not None:
+            update["data_dir"] = data_dir
+        return self.model_copy(update=update)
+
+
+def instance_slug(name: str) -> str:
+    """A directory name for an instance's default storage."""
+    return "default" if name == "" else "instance-" + quote(name, safe="")
+
+
+def default_cas(name: str) -> DiskStorage:
+    return DiskStorage(type="disk", path=f"{instance_slug(name)}/cas")
+
+
+def default_action_cache(name: str) -> DiskStorage:
+    return DiskStorage(type="disk", path=f"{instance_slug(name)}/ac")
+
+
+def check_instance_name(name: str) -> None:
+    if name == "":
+        return
+    segments = name.split("/")
+    if any(segment == "" for segment in segments):
+        raise ValueError(f"instance name {name!r}: empty path segment")
+    for segment in segments:
+        if segment in RESERVED_SEGMENTS or segment in (".", ".."):
+            raise ValueError(
+                f"instance name {name!r}: segment {segment!r} is reserved in resource names"
+            )
+
+
+_LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):(?P<port>\d{1,5})")
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 hosts in brackets); ValueError when malformed."""
+    match = _LISTEN.fullmatch(address)
+    if match is None or int(match["port"]) > 65535:
+        raise ValueError(f"listen address {address!r} is not HOST:PORT")
+    return match["host"], int(match["port"])
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    skip_tag = False
+    for index, part in enumerate(loc):
+        text = str(part)
+        holder = loc[index - 1] if index else None
+        if text in STORAGE_TYPES and (holder in ("cas", "action-cache", "backend")
+                                      or (index >= 2 and loc[index - 2] == "storage")):
+            continue  # the storage's `type`, which pydantic inserts into the path
+        if skip_tag:  # the discriminator value that pydantic puts after a tagged union
+            skip_tag = False
+            continue
+        if text.startswith("tagged-union["):
+            skip_tag = True
+            continue
+        if text.startswith("function-") or text == "str":
+            continue
+        parts.append('""' if text == "" else text)
+    return ".".join(parts) or "(top level)"
+
+
+def _format(error: ValidationError) -> str:
+    items = error.errors()
+    # A storage reference may be a name or a mapping; when a mapping was given, the
+    # complaint that it is not a string is noise.
+    useful = [i for i in items if not (i["type"] == "string_type" and "str" in i["loc"])]
+    lines = []
+    for item in useful or items:
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        lines.append(f"  {_location(item['loc'])}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "configuration") -> ServerConfig:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_format(error)}") from None
+
+
+def load_config(path: str | Path | None) -> ServerConfig:
+    """Read the YAML file at `path`, or the embedded defaults when None."""
+    if path is None:
+        return ServerConfig()
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,120 @@
+"""Assembles the gRPC server: instances, services, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from buildfleet.config import ServerConfig, parse_listen_address
+from buildfleet.server.actioncache.service import ActionCacheService
+from buildfleet.server.bytestream.service import ByteStreamService
+from buildfleet.server.capabilities.service import CapabilitiesService
+from buildfleet.server.cas.service import ContentAddressableStorageService
+from buildfleet.server.instance import Instances, build_instances
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+class Service(Protocol):
+    FULL_NAME: str
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+
+class BuildfleetServer:
+    """A configured server.  `start()` binds and serves; `stop()` drains and closes."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.instances: Instances = build_instances(config)
+        self.services: list[Service] = [
+            ContentAddressableStorageService(self.instances),
+            ByteStreamService(self.instances),
+            ActionCacheService(self.instances),
+            CapabilitiesService(self.instances),
+        ]
+        self.health = health.aio.HealthServicer()
+        self.ports: list[int] = []
+        self._server: grpc.aio.Server | None = None
+
+    def _message_limit(self) -> int:
+        # Large enough to receive an over-sized batch and answer it with a clear
+        # INVALID_ARGUMENT instead of gRPC's own RESOURCE_EXHAUSTED.
+        largest = max(i.max_batch_total_size for i in self.instances)
+        return max(16 * MiB, 2 * largest + MiB)
+
+    async def start(self) -> list[int]:
+        """Start storage, bind every listen address, serve.  Returns the bound ports."""
+        await self.instances.start()
+        limit = self._message_limit()
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        for service in self.services:
+            service.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [s.FULL_NAME for s in self.services]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        for address in self.config.listen:
+            parse_listen_address(address)
+            try:
+                port = server.add_insecure_port(address)
+            except RuntimeError as error:
+                raise OSError(f"cannot listen on {address}: {error}") from None
+            self.ports.append(port)
+        await server.start()
+        self._server = server
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.ports
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, give running ones `grace` seconds, then cancel them."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace_period if grace is None else grace)
+        self._server = None
+        await self.instances.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def listen_lines(addresses: Sequence[str], ports: Sequence[int]) -> list[str]:
+    """The actual HOST:PORT of each listen address (port 0 resolved)."""
+    return [f"{parse_listen_address(a)[0]}:{p}" for a, p in zip(addresses, ports, strict=True)]
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    server = BuildfleetServer(config)
+    await server.start()
+    for line in listen_lines(config.listen, server.ports):
+        log.info("listening on %s", line)
+    log.info("instances: %s; data directory: %s",
+             ", ".join(repr(i.name) for i in server.instances), config.data_dir)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down (grace period %.0f s)", config.grace_period)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+    await server.stop()
+    log.info("stopped")

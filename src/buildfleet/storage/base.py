@@ -1,0 +1,140 @@
+"""The interface every blob store implements.
+
+A blob store maps a `Digest` to bytes.  It does not check that the bytes hash to
+the digest: the CAS layer (buildfleet.storage.cas) verifies before it stores, and
+the action cache keys results by action digest.  Stores compose: a wrapper takes
+another store and adds one behaviour (a size limit, a cache in front, ...).
+
+All methods are coroutines so that a store may do network or disk I/O without
+blocking the event loop; in-memory and local-disk stores may answer at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from buildfleet.digest import Digest
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """What a store reports about one blob it holds (for eviction and scans)."""
+
+    digest: Digest
+    stored_size: int
+    last_access: float
+
+
+class BlobReader(abc.ABC):
+    """An open handle on one stored blob, read in ranges."""
+
+    size: int
+
+    @abc.abstractmethod
+    async def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes starting at `offset` (fewer only at the end)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the handle."""
+
+    async def chunks(self, offset: int = 0, limit: int = 0,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """Yield the range [offset, offset+limit) (limit 0: to the end) in chunks."""
+        end = self.size if limit <= 0 else min(self.size, offset + limit)
+        position = offset
+        while position < end:
+            data = await self.read(position, min(chunk_size, end - position))
+            if not data:
+                break
+            position += len(data)
+            yield data
+
+    async def __aenter__(self) -> BlobReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class BlobWriter(abc.ABC):
+    """A blob being written.  Nothing is visible to readers until `commit()`."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append bytes."""
+
+    @abc.abstractmethod
+    async def commit(self) -> None:
+        """Make the blob visible atomically.  The writer cannot be used afterwards."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Discard what was written.  Safe to call more than once, or after commit."""
+
+
+class BlobStore(abc.ABC):
+    """Maps digests to bytes.  See the module docstring."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the store (scan a directory, open connections)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+    @abc.abstractmethod
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests among `digests` that the store does not hold, in input order."""
+
+    @abc.abstractmethod
+    async def get(self, digest: Digest) -> bytes | None:
+        """The whole blob, or None when absent."""
+
+    async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """The blobs that are present among `digests`."""
+        found: dict[Digest, bytes] = {}
+        for digest in digests:
+            if digest not in found:
+                data = await self.get(digest)
+                if data is not None:
+                    found[digest] = data
+        return found
+
+    @abc.abstractmethod
+    async def open(self, digest: Digest) -> BlobReader | None:
+        """A reader for the blob, or None when absent."""
+
+    @abc.abstractmethod
+    async def put(self, digest: Digest, data: bytes) -> None:
+        """Store a whole blob, replacing any blob already stored under that digest."""
+
+    async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        """Store several blobs."""
+        for digest, data in blobs:
+            await self.put(digest, data)
+
+    @abc.abstractmethod
+    async def begin_write(self, digest: Digest) -> BlobWriter:
+        """Start writing a blob in pieces (for large uploads)."""
+
+    @abc.abstractmethod
+    async def delete(self, digest: Digest) -> bool:
+        """Remove a blob; False when it was not there."""
+
+    @abc.abstractmethod
+    def scan(self) -> AsyncIterator[StoredBlob]:
+        """Every blob the store holds, for building indexes at start-up."""
+
+
+class BytesReader(BlobReader):
+    """A reader over bytes already in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self.size = len(data)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(self._data[offset:offset + length])

@@ -1,0 +1,105 @@
+"""Shared fixtures: a real buildfleet server on a loopback port in a temporary directory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import (
+    remote_execution_pb2 as re_pb2,
+)
+from buildfleet._proto.build.bazel.remote.execution.v2 import (
+    remote_execution_pb2_grpc as re_grpc,
+)
+from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from buildfleet.config import ServerConfig, parse_config
+from buildfleet.digest import Digest
+from buildfleet.server.app import BuildfleetServer
+
+
+@dataclass
+class RunningServer:
+    """A started server plus a channel and stubs for talking to it."""
+
+    server: BuildfleetServer
+    address: str
+    channel: grpc.aio.Channel
+    data_dir: Path
+
+    @property
+    def cas(self) -> re_grpc.ContentAddressableStorageStub:
+        return re_grpc.ContentAddressableStorageStub(self.channel)
+
+    @property
+    def bytestream(self) -> bs_grpc.ByteStreamStub:
+        return bs_grpc.ByteStreamStub(self.channel)
+
+    @property
+    def action_cache(self) -> re_grpc.ActionCacheStub:
+        return re_grpc.ActionCacheStub(self.channel)
+
+    @property
+    def capabilities(self) -> re_grpc.CapabilitiesStub:
+        return re_grpc.CapabilitiesStub(self.channel)
+
+    async def upload(self, data: bytes, instance: str = "") -> re_pb2.Digest:
+        """Store a blob through BatchUpdateBlobs and return its digest."""
+        digest = proto_digest(data)
+        response = await self.cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+            instance_name=instance,
+            requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=digest, data=data)]))
+        assert response.responses[0].status.code == 0, response
+        return digest
+
+
+def proto_digest(data: bytes) -> re_pb2.Digest:
+    digest = Digest.of(data)
+    return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
+
+
+StartServer = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+    """Factory: `await start_server(config_dict=None, data_dir=None)` -> RunningServer.
+
+    Every server started is stopped at the end of the test.  `config_dict` is the
+    YAML document as a dict; `listen` and `data-dir` default to a free loopback
+    port and the test's temporary directory.
+    """
+    running: list[RunningServer] = []
+
+    async def start(config_dict: dict[str, Any] | None = None,
+                    data_dir: Path | None = None) -> RunningServer:
+        document = dict(config_dict or {})
+        document.setdefault("listen", ["127.0.0.1:0"])
+        document.setdefault("data-dir", str(data_dir or tmp_path / "data"))
+        document.setdefault("grace-period", 1)
+        config: ServerConfig = parse_config(document)
+        server = BuildfleetServer(config)
+        ports = await server.start()
+        address = f"127.0.0.1:{ports[0]}"
+        channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ])
+        handle = RunningServer(server, address, channel, Path(config.data_dir))
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.channel.close()
+        await handle.server.stop(0)
+
+
+@pytest.fixture
+async def grid(start_server: StartServer) -> RunningServer:
+    """A server with the embedded defaults (one instance "", disk storage)."""
+    return await start_server()
