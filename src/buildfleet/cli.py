@@ -11,6 +11,7 @@ import click
 
 from buildfleet import __version__
 from buildfleet.config import ConfigError, load_config
+from buildfleet.worker.command import bot
 
 
 def _setup_logging(level: str) -> None:
@@ -51,3 +52,6 @@ def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | No
         asyncio.run(run_server(config))
     except OSError as error:
         raise click.ClickException(str(error)) from None
+
+
+main.add_command(bot)  # `buildfleet bot`, defined with the bot in buildfleet.worker

@@ -93,11 +93,33 @@ StorageRef = str | StorageSpec
 SizeLimitedStorage.model_rebuild()
 
 
+class SchedulerConfig(_Model):
+    """Execution on an instance: how actions are queued and handed to bots."""
+
+    enabled: bool = True
+    max_attempts: int = Field(default=5, ge=1)
+    keepalive: float = Field(default=60.0, gt=0)
+    long_poll: float = Field(default=60.0, gt=0)
+    busy_poll: float = Field(default=1.0, gt=0)
+    default_timeout: float = Field(default=3600.0, gt=0)
+    max_timeout: float = Field(default=86400.0, gt=0)
+    timeout_grace: float = Field(default=30.0, ge=0)
+    unmatched_timeout: float = Field(default=300.0, gt=0)
+    max_queued: int = Field(default=100_000, ge=1)
+    fairness_share: float = Field(default=0.1, ge=0, le=1)
+    lease_offer: Literal["active", "pending"] = "active"
+    completed_retention: float = Field(default=3600.0, gt=0)
+    cache_failed_results: bool = False
+    bot_label_key: str = "OSFamily"
+    housekeeping_interval: float = Field(default=1.0, gt=0, le=60)
+
+
 class InstanceConfig(_Model):
-    """One REAPI instance: its CAS, its action cache and their limits."""
+    """One REAPI instance: its CAS, its action cache, its scheduler and their limits."""
 
     cas: StorageRef | None = None
     action_cache: StorageRef | None = None
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     allow_action_cache_updates: bool = True
     max_batch_total_size: ByteSize = Field(default=ByteSize(4 * MiB), ge=64 * 1024)
     max_inline_size: ByteSize = Field(default=ByteSize(1 * MiB), ge=0)
@@ -109,6 +131,8 @@ class ServerConfig(_Model):
     listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN], min_length=1)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     grace_period: float = Field(default=10.0, ge=0)
+    # Where scheduler state lives: a SQLite file (relative to data-dir) by default.
+    database: str = "scheduler.sqlite3"
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
 

@@ -64,3 +64,15 @@ def verify(digest: Digest, data: bytes, what: str = "blob") -> None:
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest.hash:
         raise InvalidArgument(f"{what} {digest}: content hashes to {actual}")
+
+
+# DigestFunction.Value numbers from remote_execution.proto: UNKNOWN = 0, SHA256 = 1.
+_ACCEPTED_DIGEST_FUNCTIONS = (0, 1)
+
+
+def check_digest_function(value: int) -> None:
+    """Refuse a request that asks for a digest function other than SHA-256."""
+    if value not in _ACCEPTED_DIGEST_FUNCTIONS:
+        raise InvalidArgument(
+            f"digest_function {value} is not supported: this server uses SHA256 only"
+        )

@@ -14,10 +14,13 @@ from grpc_reflection.v1alpha import reflection
 
 from buildfleet.config import ServerConfig, parse_listen_address
 from buildfleet.server.actioncache.service import ActionCacheService
+from buildfleet.server.bots.service import BotsService
 from buildfleet.server.bytestream.service import ByteStreamService
 from buildfleet.server.capabilities.service import CapabilitiesService
 from buildfleet.server.cas.service import ContentAddressableStorageService
+from buildfleet.server.execution.service import ExecutionService
 from buildfleet.server.instance import Instances, build_instances
+from buildfleet.server.operations.service import OperationsService
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,8 @@ MiB = 1024 * 1024
 
 
 class Service(Protocol):
-    FULL_NAME: str
+    @property
+    def FULL_NAME(self) -> str: ...  # noqa: N802 - the services' class attribute
 
     def register(self, server: grpc.aio.Server) -> None: ...
 
@@ -42,6 +46,13 @@ class BuildfleetServer:
             ActionCacheService(self.instances),
             CapabilitiesService(self.instances),
         ]
+        if self.instances.schedulers():
+            self.bots = BotsService(self.instances)
+            self.services += [
+                ExecutionService(self.instances),
+                OperationsService(self.instances),
+                self.bots,
+            ]
         self.health = health.aio.HealthServicer()
         self.ports: list[int] = []
         self._server: grpc.aio.Server | None = None
@@ -72,8 +83,9 @@ class BuildfleetServer:
             parse_listen_address(address)
             try:
                 port = server.add_insecure_port(address)
-            except RuntimeError as error:
-                raise OSError(f"cannot listen on {address}: {error}") from None
+            except RuntimeError:
+                raise OSError(f"cannot listen on {address}: the address is already in use "
+                              "or not available on this machine") from None
             self.ports.append(port)
         await server.start()
         self._server = server
@@ -88,6 +100,10 @@ class BuildfleetServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(self.config.grace_period if grace is None else grace)
         self._server = None
+        for service in self.services:
+            close = getattr(service, "close", None)
+            if close is not None:
+                await close()
         await self.instances.close()
 
     async def wait(self) -> None:
@@ -117,4 +133,9 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(signum)
     await server.stop()
+    # Let the calls cancelled at the end of the grace period finish unwinding
+    # before asyncio.run() tears the loop down (gRPC logs them otherwise).
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=2)
     log.info("stopped")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from buildfleet.config import (
     DiskStorage,
     InstanceConfig,
     MemoryStorage,
+    SchedulerConfig,
     ServerConfig,
     SizeLimitedStorage,
     StorageRef,
@@ -22,6 +22,9 @@ from buildfleet.config import (
     default_cas,
 )
 from buildfleet.errors import InvalidArgument
+from buildfleet.scheduler.scheduler import Scheduler
+from buildfleet.scheduler.settings import SchedulerSettings
+from buildfleet.scheduler.store import SchedulerStore, SqliteSchedulerStore
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
 from buildfleet.storage.action_cache import ActionCache
 
@@ -34,7 +37,7 @@ class Instance:
     cas: Cas
     action_cache: ActionCache
     settings: InstanceConfig
-    scheduler: Any = None  # set when the instance executes actions
+    scheduler: Scheduler | None = None  # None: a cache-only instance
 
     @property
     def max_batch_total_size(self) -> int:
@@ -47,6 +50,7 @@ class Instances:
 
     by_name: dict[str, Instance]
     stores: list[BlobStore] = field(default_factory=list)
+    scheduler_store: SchedulerStore | None = None
 
     def get(self, name: str) -> Instance:
         """The instance called `name`; InvalidArgument naming it when there is none."""
@@ -59,11 +63,22 @@ class Instances:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.by_name.values())
 
+    def schedulers(self) -> list[Scheduler]:
+        return [i.scheduler for i in self.by_name.values() if i.scheduler is not None]
+
     async def start(self) -> None:
         for store in self.stores:
             await store.start()
+        if self.scheduler_store is not None:
+            await self.scheduler_store.start()
+        for scheduler in self.schedulers():
+            await scheduler.start()
 
     async def close(self) -> None:
+        for scheduler in self.schedulers():
+            await scheduler.close()
+        if self.scheduler_store is not None:
+            await self.scheduler_store.close()
         for store in self.stores:
             await store.close()
 
@@ -94,22 +109,45 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
     return store
 
 
+def scheduler_settings(config: SchedulerConfig) -> SchedulerSettings:
+    return SchedulerSettings(
+        max_attempts=config.max_attempts, keepalive=config.keepalive,
+        long_poll=config.long_poll, busy_poll=config.busy_poll,
+        default_timeout=config.default_timeout,
+        max_timeout=config.max_timeout, timeout_grace=config.timeout_grace,
+        unmatched_timeout=config.unmatched_timeout, max_queued=config.max_queued,
+        fairness_share=config.fairness_share, offer_pending=config.lease_offer == "pending",
+        completed_retention=config.completed_retention,
+        cache_failed_results=config.cache_failed_results,
+        bot_label_key=config.bot_label_key,
+        tick=config.housekeeping_interval,
+    )
+
+
+def build_scheduler_store(config: ServerConfig) -> SchedulerStore:
+    path = Path(config.database)
+    return SqliteSchedulerStore(path if path.is_absolute() else Path(config.data_dir) / path)
+
+
 def build_instances(config: ServerConfig) -> Instances:
     data_dir = Path(config.data_dir)
     named: dict[str, BlobStore] = {}
     created: list[BlobStore] = []
     instances: dict[str, Instance] = {}
+    executing = any(i.scheduler.enabled for i in config.instances.values())
+    scheduler_store = build_scheduler_store(config) if executing else None
     for name, settings in config.instances.items():
         cas_store = build_store(config, settings.cas or default_cas(name), data_dir,
                                 named, created)
         ac_store = build_store(config, settings.action_cache or default_action_cache(name),
                                data_dir, named, created)
         cas = Cas(cas_store)
-        instances[name] = Instance(
-            name=name,
-            cas=cas,
-            action_cache=ActionCache(ac_store, cas,
-                                     allow_updates=settings.allow_action_cache_updates),
-            settings=settings,
-        )
-    return Instances(instances, created)
+        action_cache = ActionCache(ac_store, cas,
+                                   allow_updates=settings.allow_action_cache_updates)
+        scheduler = None
+        if settings.scheduler.enabled and scheduler_store is not None:
+            scheduler = Scheduler(name, scheduler_store, action_cache=action_cache,
+                                  settings=scheduler_settings(settings.scheduler))
+        instances[name] = Instance(name=name, cas=cas, action_cache=action_cache,
+                                   settings=settings, scheduler=scheduler)
+    return Instances(instances, created, scheduler_store)

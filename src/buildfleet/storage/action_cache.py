@@ -2,19 +2,21 @@
 
 Results are stored serialized in any `BlobStore`, keyed by the action digest.
 A lookup returns a result only while every blob it references (output files,
-the trees of output directories and every file inside them, stdout and stderr)
+the trees of output directories and every file inside them -- or, for a
+directory given only by its root Directory, that whole hierarchy -- stdout and stderr)
 is still in the CAS, so a client is never handed a result it cannot download.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from google.protobuf.message import DecodeError
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import Digest
-from buildfleet.errors import FailedPrecondition, InvalidArgument
+from buildfleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from buildfleet.storage.base import BlobStore
 from buildfleet.storage.cas import Cas
 
@@ -52,7 +54,15 @@ class ActionCache:
             if result.HasField(name):
                 blobs.append(_digest(getattr(result, name), name))
         for directory in result.output_directories:
-            tree_digest = _digest(directory.tree_digest, f"output directory {directory.path!r}")
+            what = f"output directory {directory.path!r}"
+            if directory.HasField("root_directory_digest"):
+                root = _digest(directory.root_directory_digest, what)
+                if not directory.HasField("tree_digest"):
+                    # DIRECTORY_ONLY format: walk the Directory messages instead.
+                    blobs.extend(await self._directory_blobs(root, what))
+                    continue
+                blobs.append(root)
+            tree_digest = _digest(directory.tree_digest, what)
             blobs.append(tree_digest)
             tree = await self.cas.get_message(tree_digest, re_pb2.Tree, "output tree")
             if tree is None:
@@ -60,6 +70,29 @@ class ActionCache:
             for node in [tree.root, *tree.children]:
                 for file in node.files:
                     blobs.append(_digest(file.digest, f"file {file.name!r} in output tree"))
+        return blobs
+
+    async def _directory_blobs(self, root: Digest, what: str) -> list[Digest]:
+        """The Directory blobs reachable from `root` and the files they list.
+
+        A missing Directory is listed without looking inside it.
+        """
+        blobs: list[Digest] = []
+        seen = {root}
+        pending = [root]
+        while pending:
+            digest = pending.pop()
+            blobs.append(digest)
+            directory = await self.cas.get_message(digest, re_pb2.Directory, what)
+            if directory is None:
+                continue
+            for file in directory.files:
+                blobs.append(_digest(file.digest, f"file {file.name!r} in {what}"))
+            for child in directory.directories:
+                child_digest = _digest(child.digest, f"directory {child.name!r} in {what}")
+                if child_digest not in seen:
+                    seen.add(child_digest)
+                    pending.append(child_digest)
         return blobs
 
     async def get(self, action_digest: Digest) -> re_pb2.ActionResult | None:
@@ -91,6 +124,88 @@ class ActionCache:
                                           "that are not in the CAS")
         await self.store.put(action_digest, result.SerializeToString(deterministic=True))
 
+    async def externalize(self, result: re_pb2.ActionResult) -> None:
+        """Move inline bytes (stdout_raw, stderr_raw, output file contents) into the CAS.
+
+        `result` is changed in place to reference them by digest only, so a stored
+        entry stays small and every client can download what it names.  Inline
+        bytes that contradict a digest also given are INVALID_ARGUMENT.
+        """
+        blobs: dict[Digest, bytes] = {}
+        for digest_field, raw_field in (("stdout_digest", "stdout_raw"),
+                                        ("stderr_digest", "stderr_raw")):
+            data: bytes = getattr(result, raw_field)
+            if data:
+                given = getattr(result, digest_field) if result.HasField(digest_field) else None
+                digest = _inline_blob(data, given, f"action_result.{digest_field}")
+                blobs[digest] = data
+                getattr(result, digest_field).CopyFrom(digest_proto(digest))
+            result.ClearField(raw_field)
+        for index, output in enumerate(result.output_files):
+            if output.contents:
+                digest = _inline_blob(output.contents, output.digest,
+                                      f"action_result.output_files[{index}].digest "
+                                      f"(path {output.path!r})")
+                output.digest.CopyFrom(digest_proto(digest))
+                blobs[digest] = output.contents
+            output.ClearField("contents")
+        for digest, data in blobs.items():
+            await self.cas.put(digest, data)
+
+    async def inlined(self, stored: re_pb2.ActionResult, action_digest: Digest, *,
+                      inline_stdout: bool, inline_stderr: bool, inline_paths: Iterable[str],
+                      limit: int) -> re_pb2.ActionResult:
+        """A copy of `stored` with the requested outputs inlined from the CAS.
+
+        stdout, then stderr, then the requested output files (in result order)
+        draw on one budget of `limit` bytes; what does not fit is left to be
+        downloaded by digest, as the REAPI allows.
+        """
+        result = re_pb2.ActionResult()
+        result.CopyFrom(stored)
+        result.ClearField("stdout_raw")
+        result.ClearField("stderr_raw")
+        for output in result.output_files:
+            output.ClearField("contents")
+        budget = _InlineBudget(limit)
+        for wanted, digest_field, raw_field in (
+            (inline_stdout, "stdout_digest", "stdout_raw"),
+            (inline_stderr, "stderr_digest", "stderr_raw"),
+        ):
+            if wanted and result.HasField(digest_field):
+                digest = Digest.from_proto(getattr(result, digest_field), digest_field)
+                if budget.take(digest.size_bytes):
+                    setattr(result, raw_field, await self._read_for_inline(digest, action_digest))
+        paths = set(inline_paths)  # per REAPI, empty means none
+        if paths:
+            for output in result.output_files:
+                if output.path not in paths:
+                    continue
+                digest = Digest.from_proto(output.digest, f"output file {output.path!r}")
+                if budget.take(digest.size_bytes):
+                    output.contents = await self._read_for_inline(digest, action_digest)
+        return result
+
+    async def _read_for_inline(self, digest: Digest, action_digest: Digest) -> bytes:
+        data = await self.cas.get(digest)
+        if data is None:  # removed since the completeness check
+            raise NotFound(f"action result for {action_digest} is no longer complete: "
+                           f"blob {digest} is missing from the CAS")
+        return data
+
+
+class _InlineBudget:
+    """How many more bytes a response may inline."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, size: int) -> bool:
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
+
 
 def missing_blobs_error(missing: list[Digest], message: str) -> FailedPrecondition:
     """FAILED_PRECONDITION with a PreconditionFailure detail listing each missing blob."""
@@ -103,3 +218,17 @@ def missing_blobs_error(missing: list[Digest], message: str) -> FailedPreconditi
     shown = ", ".join(str(d) for d in missing[:5])
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
     return FailedPrecondition(f"{message}: {shown}{more}", details=[failure])
+
+
+def _inline_blob(data: bytes, digest_message: re_pb2.Digest | None, what: str) -> Digest:
+    """The digest of inline bytes, checked against the digest the client also sent."""
+    digest = Digest.of(data)
+    if digest_message is not None:
+        given = _digest(digest_message, what)
+        if given != digest:
+            raise InvalidArgument(f"{what} is {given} but the inline bytes have digest {digest}")
+    return digest
+
+
+def digest_proto(digest: Digest) -> re_pb2.Digest:
+    return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""CAS speed over gRPC: ByteStream write/read throughput, batch upload and lookup.
+
+    python bench/cas.py                      # spawn a server with the disk store
+    python bench/cas.py --target HOST:PORT   # an existing server
+    python bench/cas.py --sizes 1KiB,1MiB --small-blobs 1000 --repeat 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+from common import report, spawned_server  # noqa: E402
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2 as re_pb2,
+)
+from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2_grpc as re_grpc,
+)
+from buildfleet._proto.google.bytestream import (  # noqa: E402
+    bytestream_pb2,
+    bytestream_pb2_grpc,
+)
+from buildfleet.digest import Digest  # noqa: E402
+
+CHUNK = 1 << 20
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+           ("grpc.max_send_message_length", 64 << 20)]
+UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    for unit, factor in UNITS.items():
+        if text.endswith(unit):
+            return int(text[: -len(unit)]) * factor
+    return int(text)
+
+
+async def bytestream_write(stub: bytestream_pb2_grpc.ByteStreamStub, instance: str,
+                           data: bytes, digest: Digest) -> None:
+    prefix = f"{instance}/" if instance else ""
+    name = f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.hash}/{digest.size_bytes}"
+    view = memoryview(data)
+
+    def requests():  # type: ignore[no-untyped-def]
+        offset = 0
+        while True:
+            piece = view[offset:offset + CHUNK]
+            last = offset + len(piece) >= len(data)
+            yield bytestream_pb2.WriteRequest(
+                resource_name=name if offset == 0 else "", write_offset=offset,
+                finish_write=last, data=bytes(piece))
+            offset += len(piece)
+            if last:
+                return
+
+    response = await stub.Write(requests())
+    assert response.committed_size == digest.size_bytes, response
+
+
+async def bytestream_read(stub: bytestream_pb2_grpc.ByteStreamStub, instance: str,
+                          digest: Digest) -> int:
+    prefix = f"{instance}/" if instance else ""
+    received = 0
+    async for response in stub.Read(bytestream_pb2.ReadRequest(
+            resource_name=f"{prefix}blobs/{digest.hash}/{digest.size_bytes}")):
+        received += len(response.data)
+    assert received == digest.size_bytes
+    return received
+
+
+def proto(digest: Digest) -> re_pb2.Digest:
+    return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
+
+
+async def run(address: str, args: argparse.Namespace) -> dict[str, object]:
+    figures: dict[str, object] = {}
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        stream = bytestream_pb2_grpc.ByteStreamStub(channel)
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        for text in args.sizes.split(","):
+            size = parse_size(text)
+            count = max(1, min(args.repeat * 20, (256 << 20) // max(size, 1))) \
+                if size < (1 << 20) else args.repeat
+            writes, reads = [], []
+            for _ in range(count):
+                data = os.urandom(size)
+                digest = Digest.of(data)
+                started = time.perf_counter()
+                await bytestream_write(stream, args.instance, data, digest)
+                writes.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                await bytestream_read(stream, args.instance, digest)
+                reads.append(time.perf_counter() - started)
+            figures[f"write_{text}_MBps"] = round(size / statistics.median(writes) / 1e6, 1)
+            figures[f"read_{text}_MBps"] = round(size / statistics.median(reads) / 1e6, 1)
+        blobs = [os.urandom(args.small_size) for _ in range(args.small_blobs)]
+        digests = [Digest.of(b) for b in blobs]
+        timings = []
+        for _ in range(args.repeat):
+            blobs = [os.urandom(args.small_size) for _ in range(args.small_blobs)]
+            digests = [Digest.of(b) for b in blobs]
+            started = time.perf_counter()
+            for start in range(0, len(blobs), args.batch):
+                response = await cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+                    instance_name=args.instance,
+                    requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=proto(d), data=b)
+                              for d, b in zip(digests[start:start + args.batch],
+                                              blobs[start:start + args.batch], strict=True)]))
+                assert all(r.status.code == 0 for r in response.responses)
+            timings.append(time.perf_counter() - started)
+        figures[f"batch_update_{args.small_blobs}_blobs_s"] = round(statistics.median(timings), 3)
+        started = time.perf_counter()
+        for start in range(0, len(digests), 1000):
+            response = await cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(
+                instance_name=args.instance,
+                blob_digests=[proto(d) for d in digests[start:start + 1000]]))
+            assert not response.missing_blob_digests
+        elapsed = time.perf_counter() - started
+        figures["find_missing_digests_per_s"] = round(len(digests) / elapsed)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
+    parser.add_argument("--instance", default="")
+    parser.add_argument("--sizes", default="1KiB,1MiB,64MiB")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
+    parser.add_argument("--small-blobs", type=int, default=10_000)
+    parser.add_argument("--small-size", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=500)
+    args = parser.parse_args()
+    if args.target:
+        figures = asyncio.run(run(args.target, args))
+    else:
+        with spawned_server() as (address, _process):
+            figures = asyncio.run(run(address, args))
+    report("cas", figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared pieces of the benchmarks: spawning a server, timing, reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+@contextlib.contextmanager
+def spawned_server(extra_args: list[str] | None = None, config: str | None = None,
+                   timeout: float = 30.0) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run `buildfleet serve` on a free loopback port in a temporary data dir."""
+    with tempfile.TemporaryDirectory(prefix="buildfleet-bench-") as tmp:
+        args = [sys.executable, "-m", "buildfleet", "serve", "--listen", "127.0.0.1:0",
+                "--data-dir", str(Path(tmp) / "data"), "--log-level", "info"]
+        if config is not None:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        args += extra_args or []
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            address = None
+            while address is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("server did not start:\n" + log_path.read_text())
+                match = LISTENING.search(log_path.read_text())
+                if match:
+                    address = match.group(1)
+                else:
+                    time.sleep(0.05)
+            yield address, process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def report(name: str, figures: dict[str, object]) -> None:
+    """One JSON line, then a human table."""
+    print(json.dumps({"benchmark": name, **figures}, sort_keys=True))
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {key.ljust(width)}  {shown}")

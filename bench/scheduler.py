@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Scheduling throughput and latency, over gRPC only (REAPI for clients, RWAPI for bots).
+
+B synthetic bots complete every lease at once with an ActionResult that names
+the action it ran (its stdout_digest is the action's digest); C concurrent
+clients submit N distinct no-op actions (uploaded beforehand) with Execute and
+follow each to its result.  Every client checks that it got its own action's
+result.  Prints actions/s, latency percentiles from Execute to result, errors.
+
+    python bench/scheduler.py --bots 32 --clients 64 --actions 5000
+    python bench/scheduler.py --target 127.0.0.1:50051 ...   # an existing server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grpc  # noqa: E402
+from common import percentile, report, rss_mib, spawned_server  # noqa: E402
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2 as re_pb2,
+)
+from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
+    remote_execution_pb2_grpc as re_grpc,
+)
+from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (  # noqa: E402
+    bots_pb2,
+    bots_pb2_grpc,
+)
+from buildfleet.digest import Digest  # noqa: E402
+
+ACTIVE = bots_pb2.LeaseState.Value("ACTIVE")
+PENDING = bots_pb2.LeaseState.Value("PENDING")
+COMPLETED = bots_pb2.LeaseState.Value("COMPLETED")
+OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+           ("grpc.max_send_message_length", 64 << 20)]
+
+
+def proto_digest(data: bytes) -> re_pb2.Digest:
+    digest = Digest.of(data)
+    return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
+
+
+async def upload_actions(channel: grpc.aio.Channel, instance: str, count: int,
+                         run_id: str) -> list[re_pb2.Digest]:
+    """Store `count` distinct no-op actions; their digests."""
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    command = re_pb2.Command(arguments=["true"])
+    command_blob = command.SerializeToString()
+    root_blob = re_pb2.Directory().SerializeToString()
+    blobs = [command_blob, root_blob]
+    digests = []
+    for index in range(count):
+        action = re_pb2.Action(command_digest=proto_digest(command_blob),
+                               input_root_digest=proto_digest(root_blob),
+                               salt=f"{run_id}/{index}".encode())
+        blob = action.SerializeToString()
+        blobs.append(blob)
+        digests.append(proto_digest(blob))
+    for start in range(0, len(blobs), 1000):
+        chunk = blobs[start:start + 1000]
+        response = await cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+            instance_name=instance,
+            requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=proto_digest(b), data=b)
+                      for b in chunk]))
+        assert all(r.status.code == 0 for r in response.responses), response
+    return digests
+
+
+async def bot_loop(channel: grpc.aio.Channel, instance: str, index: int,
+                   stop: asyncio.Event, counters: dict[str, int]) -> None:
+    """A bot that completes every lease at once."""
+    stub = bots_pb2_grpc.BotsStub(channel)
+    bot_id = f"bench-bot-{os.getpid()}-{index}"
+    session = bots_pb2.BotSession(bot_id=bot_id)
+    session.worker.properties.add(key="OSFamily", value="linux")
+    session = await stub.CreateBotSession(
+        bots_pb2.CreateBotSessionRequest(parent=instance, bot_session=session))
+    while not stop.is_set():
+        try:
+            session = await stub.UpdateBotSession(
+                bots_pb2.UpdateBotSessionRequest(name=session.name, bot_session=session),
+                timeout=2.0)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                continue
+            if stop.is_set():
+                return
+            counters["bot_errors"] += 1
+            await asyncio.sleep(0.1)
+            continue
+        for lease in session.leases:
+            if lease.state not in (ACTIVE, PENDING):
+                continue
+            action = re_pb2.Action()
+            lease.payload.Unpack(action)
+            result = re_pb2.ActionResult(exit_code=0)
+            result.stdout_digest.CopyFrom(proto_digest(action.SerializeToString()))
+            lease.state = COMPLETED
+            lease.status.code = 0
+            lease.result.Pack(result)
+            counters["leases"] += 1
+
+
+async def client_loop(channel: grpc.aio.Channel, instance: str,
+                      work: asyncio.Queue[re_pb2.Digest], latencies: list[float],
+                      counters: dict[str, int]) -> None:
+    stub = re_grpc.ExecutionStub(channel)
+    while True:
+        try:
+            digest = work.get_nowait()
+        except asyncio.QueueEmpty:
+            return
+        started = time.perf_counter()
+        try:
+            last = None
+            async for operation in stub.Execute(re_pb2.ExecuteRequest(
+                    instance_name=instance, action_digest=digest, skip_cache_lookup=True)):
+                last = operation
+            response = re_pb2.ExecuteResponse()
+            if last is None or not last.done or not last.response.Unpack(response):
+                counters["errors"] += 1
+                continue
+            if response.status.code != 0 or response.result.stdout_digest != digest:
+                counters["wrong_results"] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+        except grpc.aio.AioRpcError as error:
+            counters["errors"] += 1
+            print(f"execute failed: {error.code()} {error.details()}", file=sys.stderr)
+
+
+async def run_bots(address: str, instance: str, count: int, stop_after: float,
+                   ready: multiprocessing.synchronize.Event | None = None) -> dict[str, int]:
+    counters = {"leases": 0, "bot_errors": 0}
+    stop = asyncio.Event()
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        tasks = [asyncio.create_task(bot_loop(channel, instance, i, stop, counters))
+                 for i in range(count)]
+        if ready is not None:
+            ready.set()
+        await asyncio.sleep(stop_after)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return counters
+
+
+def bots_process(address: str, instance: str, count: int, stop_after: float,
+                 ready: multiprocessing.synchronize.Event) -> None:
+    asyncio.run(run_bots(address, instance, count, stop_after, ready))
+
+
+async def run_clients(address: str, instance: str, args: argparse.Namespace) -> dict[str, object]:
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        digests = await upload_actions(channel, instance, args.actions, uuid.uuid4().hex)
+        work: asyncio.Queue[re_pb2.Digest] = asyncio.Queue()
+        for digest in digests:
+            work.put_nowait(digest)
+        latencies: list[float] = []
+        counters = {"errors": 0, "wrong_results": 0}
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(channel, instance, work, latencies, counters)
+                               for _ in range(args.clients)))
+        elapsed = time.perf_counter() - started
+    return {
+        "actions": args.actions, "bots": args.bots, "clients": args.clients,
+        "completed": len(latencies), "seconds": round(elapsed, 3),
+        "actions_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+        "p90_ms": round(percentile(latencies, 0.9) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        **counters,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bots", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--actions", type=int, default=1000)
+    parser.add_argument("--instance", default="")
+    parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
+    parser.add_argument("--bot-processes", type=int, default=1,
+                        help="processes the synthetic bots are spread over")
+    parser.add_argument("--max-seconds", type=float, default=600.0)
+    args = parser.parse_args()
+
+    def run(address: str, server_pid: int | None) -> dict[str, object]:
+        ready = [multiprocessing.Event() for _ in range(args.bot_processes)]
+        share = [args.bots // args.bot_processes + (i < args.bots % args.bot_processes)
+                 for i in range(args.bot_processes)]
+        workers = [multiprocessing.Process(
+            target=bots_process, args=(address, args.instance, n, args.max_seconds, r),
+            daemon=True) for n, r in zip(share, ready, strict=True) if n]
+        for worker in workers:
+            worker.start()
+        for event in ready:
+            event.wait(60)
+        try:
+            figures = asyncio.run(run_clients(address, args.instance, args))
+        finally:
+            for worker in workers:
+                worker.terminate()
+        if server_pid is not None:
+            figures["server_rss_mib"] = round(rss_mib(server_pid), 1)
+        return figures
+
+    if args.target:
+        figures = run(args.target, None)
+    else:
+        with spawned_server() as (address, process):
+            figures = run(address, process.pid)
+    report("scheduler", figures)
+    ok = (figures["completed"] == args.actions and not figures["errors"]
+          and not figures["wrong_results"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

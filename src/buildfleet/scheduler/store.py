@@ -1,0 +1,334 @@
+"""Persistence for the scheduler: every job, operation and bot-session change.
+
+The scheduler keeps its state in memory and tells the store what changed
+(`save_*` / `delete_*`, which return at once).  The store coalesces changes and
+writes them in one transaction per batch (group commit) on a single background
+thread; `flush()` waits until everything saved so far is durable.  Callers
+await `flush()` before answering a client or bot whenever losing the change in
+a crash would matter, so many concurrent calls share one commit.
+
+`SqliteSchedulerStore` is the embedded default (WAL, synchronous=FULL);
+`MemorySchedulerStore` keeps nothing and serves tests and throwaway grids.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buildfleet.errors import Unavailable
+from buildfleet.scheduler.model import BotSession, Job, Operation
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+@dataclass
+class StoredState:
+    """What a store holds for one instance, as rows."""
+
+    jobs: list[Row] = field(default_factory=list)
+    operations: list[Row] = field(default_factory=list)
+    sessions: list[Row] = field(default_factory=list)
+
+
+def job_row(job: Job) -> Row:
+    lease = job.lease
+    return {
+        "id": job.id, "instance": job.instance,
+        "action_hash": job.action_digest.hash, "action_size": job.action_digest.size_bytes,
+        "action": job.action, "requirements": json.dumps(sorted(job.requirements)),
+        "priority": job.priority, "cacheable": int(job.cacheable), "timeout": job.timeout,
+        "queued_at": job.queued_at, "seq": job.seq, "stage": int(job.stage),
+        "attempts": job.attempts, "response": job.response,
+        "lease_id": lease.id if lease else None,
+        "lease_session": lease.session.name if lease else None,
+        "lease_state": int(lease.state) if lease else None,
+        "failed_on": json.dumps(sorted(job.failed_on)), "last_failure": job.last_failure,
+        "completed_at": job.completed_at, "worker": job.worker,
+    }
+
+
+def operation_row(operation: Operation) -> Row:
+    return {
+        "name": operation.name, "instance": operation.instance, "job_id": operation.job.id,
+        "created_at": operation.created_at, "cancelled": int(operation.cancelled),
+        "own_response": operation.own_response,
+    }
+
+
+def session_row(session: BotSession) -> Row:
+    return {
+        "name": session.name, "instance": session.instance, "bot_id": session.bot_id,
+        "status": int(session.status), "properties": json.dumps(sorted(session.properties)),
+        "capacity": session.capacity, "created_at": session.created_at,
+        "version": session.version, "worker": session.worker_proto,
+    }
+
+
+_TABLES: dict[str, tuple[str, Callable[[Any], Row]]] = {
+    "jobs": ("id", job_row),
+    "operations": ("name", operation_row),
+    "sessions": ("name", session_row),
+}
+
+
+class SchedulerStore(abc.ABC):
+    """Coalescing write-behind persistence; see the module docstring."""
+
+    def __init__(self) -> None:
+        # (table, key) -> the object to write, or None to delete the row.
+        self._pending: dict[tuple[str, str], Any] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = False
+        self.commits = 0
+
+    # -- what the scheduler calls -------------------------------------------
+    def save_job(self, job: Job) -> None:
+        self._queue("jobs", job.id, job)
+
+    def delete_job(self, job_id: str) -> None:
+        self._queue("jobs", job_id, None)
+
+    def save_operation(self, operation: Operation) -> None:
+        self._queue("operations", operation.name, operation)
+
+    def delete_operation(self, name: str) -> None:
+        self._queue("operations", name, None)
+
+    def save_session(self, session: BotSession) -> None:
+        self._queue("sessions", session.name, session)
+
+    def delete_session(self, name: str) -> None:
+        self._queue("sessions", name, None)
+
+    async def flush(self) -> None:
+        """Return once every change queued before this call is durable."""
+        if not self._pending and not self._writing:
+            return
+        if self._wake is None:
+            raise RuntimeError("store not started")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._wake.set()
+        await asyncio.shield(future)
+
+    async def start(self) -> None:
+        """Open the backend and start the writer (once; later calls do nothing)."""
+        if self._writer is not None:
+            return
+        self._wake = asyncio.Event()
+        await self._open()
+        self._writer = asyncio.create_task(self._write_loop(), name="scheduler-store-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self.flush()
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+            self._writer = None
+        await self._close()
+
+    @abc.abstractmethod
+    async def load(self, instance: str) -> StoredState:
+        """Everything stored for `instance`."""
+
+    # -- what a backend implements ------------------------------------------
+    async def _open(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def _close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abc.abstractmethod
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        """Apply one batch atomically."""
+
+    # -- group commit ---------------------------------------------------------
+    def _queue(self, table: str, key: str, item: Any) -> None:
+        self._pending[(table, key)] = item
+        if self._wake is not None and not self._writing:
+            self._wake.set()
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._pending:
+                for waiter in self._drain_waiters():
+                    waiter.set_result(None)
+                continue
+            batch, self._pending = self._pending, {}
+            waiters = self._drain_waiters()
+            upserts: dict[str, list[Row]] = {}
+            deletes: dict[str, list[str]] = {}
+            for (table, key), item in batch.items():
+                if item is None:
+                    deletes.setdefault(table, []).append(key)
+                else:
+                    upserts.setdefault(table, []).append(_TABLES[table][1](item))
+            self._writing = True
+            try:
+                await self._write(upserts, deletes)
+                self.commits += 1
+            except Exception as error:  # keep the changes for the next attempt
+                log.error("scheduler store write failed: %s", error)
+                for entry, item in batch.items():
+                    self._pending.setdefault(entry, item)
+                failure = Unavailable(f"the scheduler database is unavailable: {error}")
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_exception(failure)
+                await asyncio.sleep(0.5)
+                self._wake.set()
+                continue
+            finally:
+                self._writing = False
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            if self._pending or self._waiters:
+                self._wake.set()
+
+    def _drain_waiters(self) -> list[asyncio.Future[None]]:
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+
+class MemorySchedulerStore(SchedulerStore):
+    """Keeps rows in dicts: nothing survives the process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict[str, Row]] = {name: {} for name in _TABLES}
+
+    async def load(self, instance: str) -> StoredState:
+        state = StoredState()
+        for name, target in (("jobs", state.jobs), ("operations", state.operations),
+                             ("sessions", state.sessions)):
+            target.extend(r for r in self.tables[name].values() if r["instance"] == instance)
+        return state
+
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        for table, rows in upserts.items():
+            key = _TABLES[table][0]
+            for row in rows:
+                self.tables[table][row[key]] = row
+        for table, keys in deletes.items():
+            for key in keys:
+                self.tables[table].pop(key, None)
+
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, instance TEXT NOT NULL,
+        action_hash TEXT NOT NULL, action_size INTEGER NOT NULL, action BLOB NOT NULL,
+        requirements TEXT NOT NULL, priority INTEGER NOT NULL, cacheable INTEGER NOT NULL,
+        timeout REAL NOT NULL, queued_at REAL NOT NULL, seq INTEGER NOT NULL,
+        stage INTEGER NOT NULL, attempts INTEGER NOT NULL, response BLOB,
+        lease_id TEXT, lease_session TEXT, lease_state INTEGER,
+        failed_on TEXT NOT NULL, last_failure TEXT NOT NULL, completed_at REAL,
+        worker TEXT NOT NULL
+    );
+    CREATE INDEX jobs_instance ON jobs (instance);
+    CREATE TABLE operations (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, job_id TEXT NOT NULL,
+        created_at REAL NOT NULL, cancelled INTEGER NOT NULL, own_response BLOB
+    );
+    CREATE INDEX operations_instance ON operations (instance);
+    CREATE TABLE sessions (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, bot_id TEXT NOT NULL,
+        status INTEGER NOT NULL, properties TEXT NOT NULL, capacity INTEGER NOT NULL,
+        created_at REAL NOT NULL, version INTEGER NOT NULL, worker BLOB NOT NULL
+    );
+    CREATE INDEX sessions_instance ON sessions (instance);
+    """,
+]
+
+
+class SqliteSchedulerStore(SchedulerStore):
+    """Rows in one SQLite file (WAL), written by one background thread."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _open(self) -> None:
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA busy_timeout=10000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(_SCHEMA):
+            raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                               f"buildfleet ({len(_SCHEMA)}); upgrade buildfleet")
+        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        db.row_factory = sqlite3.Row
+        self._db = db
+
+    async def _close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def load(self, instance: str) -> StoredState:
+        return await self._run(self._load_sync, instance)
+
+    def _load_sync(self, instance: str) -> StoredState:
+        assert self._db is not None
+        state = StoredState()
+        for table, target in (("jobs", state.jobs), ("operations", state.operations),
+                              ("sessions", state.sessions)):
+            rows = self._db.execute(f"SELECT * FROM {table} WHERE instance = ?", (instance,))
+            target.extend(dict(row) for row in rows)
+        return state
+
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        await self._run(self._write_sync, upserts, deletes)
+
+    def _write_sync(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            for table, rows in upserts.items():
+                columns = list(rows[0])
+                sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+                       f"VALUES ({', '.join('?' * len(columns))})")
+                db.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
+            for table, keys in deletes.items():
+                key = _TABLES[table][0]
+                db.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k in keys])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

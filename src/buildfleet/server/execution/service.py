@@ -1,0 +1,109 @@
+"""The REAPI Execution service: Execute and WaitExecution.
+
+Execute checks that the Action and Command are in the CAS (FAILED_PRECONDITION
+with a PreconditionFailure listing each missing blob otherwise), answers from
+the action cache when it can, and otherwise hands the action to the instance's
+scheduler and streams the operation until it completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.longrunning import operations_pb2
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from buildfleet.digest import Digest, check_digest_function
+from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
+from buildfleet.scheduler.protos import operation_proto, platform_requirements
+from buildfleet.scheduler.scheduler import Scheduler
+from buildfleet.server.instance import Instance, Instances
+from buildfleet.server.rpc import rpc
+from buildfleet.storage.action_cache import missing_blobs_error
+
+
+def executing_scheduler(instance: Instance) -> Scheduler:
+    if instance.scheduler is None:
+        raise Unimplemented(f"instance {instance.name!r} is a cache only: it does not "
+                            "execute actions")
+    return instance.scheduler
+
+
+def instance_of_operation(name: str) -> str:
+    """The instance part of an operation name `<instance>/operations/<id>`."""
+    if name.startswith("operations/"):
+        return ""
+    instance, marker, _ = name.rpartition("/operations/")
+    if not marker:
+        raise NotFound(f"operation {name!r} does not exist (not an operation name of this "
+                       "server)")
+    return instance
+
+
+def scheduler_for_operation(instances: Instances, name: str) -> Scheduler:
+    instance_name = instance_of_operation(name)
+    instance = instances.by_name.get(instance_name)
+    if instance is None or instance.scheduler is None:
+        raise NotFound(f"operation {name!r} does not exist (no executing instance "
+                       f"{instance_name!r})")
+    return instance.scheduler
+
+
+class ExecutionService(re_grpc.ExecutionServicer):
+    FULL_NAME = "build.bazel.remote.execution.v2.Execution"
+
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+
+    def register(self, server: grpc.aio.Server) -> None:
+        re_grpc.add_ExecutionServicer_to_server(self, server)
+
+    @rpc
+    async def Execute(self, request: re_pb2.ExecuteRequest,  # noqa: N802
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[operations_pb2.Operation]:
+        instance = self.instances.get(request.instance_name)
+        scheduler = executing_scheduler(instance)
+        check_digest_function(request.digest_function)
+        action_digest = Digest.from_proto(request.action_digest, "action_digest")
+        action = await instance.cas.get_message(action_digest, re_pb2.Action, "action")
+        if action is None:
+            raise missing_blobs_error([action_digest], "the action is not in the CAS")
+        command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
+        input_root = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
+        missing = await instance.cas.find_missing([command_digest, input_root])
+        if missing:
+            raise missing_blobs_error(missing, "blobs the action needs are not in the CAS")
+        command = await instance.cas.get_message(command_digest, re_pb2.Command, "command")
+        if command is None:
+            raise missing_blobs_error([command_digest], "the command is not in the CAS")
+        if not command.arguments:
+            raise InvalidArgument(f"command {command_digest} has no arguments")
+        scheduler.check_timeout(action)
+        platform = action.platform if action.platform.properties else command.platform
+        if not request.skip_cache_lookup and not action.do_not_cache:
+            cached = await instance.action_cache.get(action_digest)
+            if cached is not None:
+                cached = await instance.action_cache.inlined(
+                    cached, action_digest, inline_stdout=request.inline_stdout,
+                    inline_stderr=request.inline_stderr,
+                    inline_paths=request.inline_output_files,
+                    limit=int(instance.settings.max_inline_size))
+                operation = await scheduler.record_cache_hit(action_digest, cached)
+                yield operation_proto(operation)
+                return
+        operation = await scheduler.submit(
+            action_digest, action, platform_requirements(platform),
+            priority=request.execution_policy.priority)
+        async for message in scheduler.watch(operation):
+            yield message
+
+    @rpc
+    async def WaitExecution(self, request: re_pb2.WaitExecutionRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[operations_pb2.Operation]:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        operation = scheduler.get_operation(request.name)
+        async for message in scheduler.watch(operation):
+            yield message

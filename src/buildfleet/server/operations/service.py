@@ -1,0 +1,159 @@
+"""google.longrunning.Operations over the operations of every executing instance."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import json
+import re
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf.empty_pb2 import Empty
+
+from buildfleet.errors import InvalidArgument
+from buildfleet.scheduler.model import Operation, Stage
+from buildfleet.scheduler.protos import operation_proto
+from buildfleet.server.execution.service import executing_scheduler, scheduler_for_operation
+from buildfleet.server.instance import Instances
+from buildfleet.server.rpc import rpc
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_WAIT = 300.0  # WaitOperation without a timeout or deadline returns after this long
+DEADLINE_MARGIN = 0.2  # seconds WaitOperation keeps in hand before the call's deadline
+_FILTER = re.compile(r"\s*(stage|done)\s*=\s*(\w+)\s*", re.IGNORECASE)
+
+
+def _matcher(text: str):  # type: ignore[no-untyped-def]
+    """A predicate for ListOperations' filter: `stage=QUEUED|EXECUTING|COMPLETED`, `done=…`."""
+    if not text.strip():
+        return lambda operation: True
+    match = _FILTER.fullmatch(text)
+    if match is None:
+        raise InvalidArgument(f"filter {text!r} is not understood; use stage=QUEUED, "
+                              "stage=EXECUTING, stage=COMPLETED, done=true or done=false")
+    field, value = match[1].lower(), match[2].upper()
+    if field == "done":
+        if value not in ("TRUE", "FALSE"):
+            raise InvalidArgument(f"filter {text!r}: done must be true or false")
+        wanted = value == "TRUE"
+        return lambda operation: operation.done == wanted
+    if value not in ("QUEUED", "EXECUTING", "COMPLETED"):
+        raise InvalidArgument(f"filter {text!r}: stage must be QUEUED, EXECUTING or COMPLETED")
+    stage = Stage[value]
+
+    def stage_is(operation: Operation) -> bool:
+        current = Stage.COMPLETED if operation.done else operation.job.stage
+        return current == stage
+
+    return stage_is
+
+
+def _sort_key(operation: Operation) -> tuple[float, str]:
+    return operation.created_at, operation.name
+
+
+def _page_token(instance: str, last: Operation) -> str:
+    """A token naming the last operation of a page: the next page starts after it.
+
+    Keyed on the position in the list, not an offset, so that operations
+    added or removed between two pages neither repeat nor skip any.
+    """
+    payload = json.dumps({"v": 2, "i": instance, "t": last.created_at, "n": last.name})
+    return base64.urlsafe_b64encode(payload.encode()).decode()
+
+
+def _after(token: str, instance: str) -> tuple[float, str] | None:
+    """The sort key a page token continues after (None: from the start)."""
+    if not token:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token.encode()).decode())
+        if (not isinstance(payload, dict) or payload.get("v") != 2
+                or payload.get("i") != instance):
+            raise ValueError("not ours")
+        created_at, name = payload["t"], payload["n"]
+        if not isinstance(created_at, int | float) or not isinstance(name, str):
+            raise ValueError("malformed")
+        return float(created_at), name
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise InvalidArgument(f"page_token {token!r:.60} was not issued by this server for "
+                              f"instance {instance!r}") from None
+
+
+class OperationsService(operations_pb2_grpc.OperationsServicer):
+    FULL_NAME = "google.longrunning.Operations"
+
+    def __init__(self, instances: Instances) -> None:
+        self.instances = instances
+
+    def register(self, server: grpc.aio.Server) -> None:
+        operations_pb2_grpc.add_OperationsServicer_to_server(self, server)
+
+    @rpc
+    async def GetOperation(self, request: operations_pb2.GetOperationRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        return operation_proto(scheduler.get_operation(request.name))
+
+    @rpc
+    async def ListOperations(self, request: operations_pb2.ListOperationsRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext
+                             ) -> operations_pb2.ListOperationsResponse:
+        """Operations of the instance named by `name`, oldest first, paged."""
+        scheduler = executing_scheduler(self.instances.get(request.name))
+        matches = _matcher(request.filter)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _after(request.page_token, request.name)
+        selected = sorted((op for op in scheduler.operations.values() if matches(op)),
+                          key=_sort_key)
+        start = 0 if after is None else bisect.bisect_right(selected, after, key=_sort_key)
+        page = selected[start:start + size]
+        response = operations_pb2.ListOperationsResponse(
+            operations=[operation_proto(op) for op in page])
+        if start + size < len(selected):
+            response.next_page_token = _page_token(request.name, page[-1])
+        return response
+
+    @rpc
+    async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> Empty:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        await scheduler.cancel_operation(request.name)
+        return Empty()
+
+    @rpc
+    async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> Empty:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        await scheduler.delete_operation(request.name)
+        return Empty()
+
+    @rpc
+    async def WaitOperation(self, request: operations_pb2.WaitOperationRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        """The operation once done, or as it stands when the timeout or deadline is near."""
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        operation = scheduler.get_operation(request.name)
+        limit = MAX_WAIT
+        if request.HasField("timeout"):
+            # Plain arithmetic: a Duration beyond what timedelta holds is still valid input.
+            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
+            if seconds < 0:
+                raise InvalidArgument(f"timeout {seconds:g}s is negative")
+            limit = min(limit, seconds)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Answer before the client gives up, with room for a loaded machine.
+            limit = min(limit, remaining - max(remaining * 0.1, DEADLINE_MARGIN))
+        try:
+            async with asyncio.timeout(max(limit, 0)):
+                async for _ in scheduler.watch(operation):
+                    pass
+        except TimeoutError:
+            pass
+        return operation_proto(operation)

@@ -1,0 +1,413 @@
+"""Running one lease: fetch the action and its inputs, run the command, upload the result.
+
+`Runner.run` returns a `LeaseOutcome`: the lease status and, when the command
+ran, the ActionResult.  The status is OK for any command that ran, whatever its
+exit code; DEADLINE_EXCEEDED (with stdout/stderr and the exit code in the
+result) when it ran past its timeout; otherwise the failure that stopped it:
+
+- INVALID_ARGUMENT: an unsafe input tree or command, an unknown payload;
+- FAILED_PRECONDITION (with PreconditionFailure details): input blobs missing
+  from the CAS;
+- UNAVAILABLE: the CAS could not be reached;
+- INTERNAL: anything else that went wrong on the bot (disk full, fork failure,
+  a corrupt blob...), with a message naming the cause.
+
+Each command runs in a fresh directory ``<work>/<uuid>/root`` in its own process
+group (a new session), with only the Command's environment variables, stdin
+from /dev/null and stdout/stderr in files next to the root.  On timeout or
+cancellation the whole group is killed with SIGKILL; after a normal exit the
+group is killed too, so that no stray background process outlives its action.
+The directory is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import shutil
+import signal
+import stat
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyProto
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2, status_pb2
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.client.cas import CasClient, CasError, CorruptBlob, MissingBlobs, digest_of_file
+from buildfleet.digest import Digest
+from buildfleet.errors import BuildfleetError, InvalidArgument
+from buildfleet.worker.cache import LocalCache
+from buildfleet.worker.inputs import (
+    Outputs,
+    check_command,
+    flatten_tree,
+    materialise,
+    missing_error,
+)
+from buildfleet.worker.outputs import collect_outputs, sort_result
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ACTION_NAME = re_pb2.Action.DESCRIPTOR.full_name
+DIGEST_NAME = re_pb2.Digest.DESCRIPTOR.full_name
+TRANSIENT_CAS_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.ABORTED)
+
+
+@dataclass
+class RunnerConfig:
+    bot_id: str
+    work_dir: Path  # actions run in fresh directories under it
+    default_timeout: float = 3600.0  # seconds, when the Action sets none
+    allow_outside_symlinks: bool = False
+    # While the CAS is unreachable, CAS steps are retried for this long (seconds), so
+    # that a finished action's outputs survive a server restart.
+    cas_retry_timeout: float = 60.0
+    retry_max_delay: float = 10.0
+
+
+@dataclass
+class LeaseOutcome:
+    """What to report for a lease."""
+
+    status: status_pb2.Status
+    result: re_pb2.ActionResult | None = None
+    action_digest: Digest | None = None
+    summary: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def code(self) -> int:
+        return self.status.code
+
+
+def status(code: int, message: str = "", details: list[AnyProto] | None = None
+           ) -> status_pb2.Status:
+    return status_pb2.Status(code=code, message=message, details=details or [])
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of the group `pgid` (no error when none is left)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _stamp(target: Timestamp) -> float:
+    target.GetCurrentTime()
+    return time.monotonic()
+
+
+async def in_thread(function: Callable[..., T], *args: object) -> T:
+    """Run blocking work in a thread; if cancelled, still wait for the thread to finish.
+
+    (So that nothing keeps writing into a directory that is about to be removed.)
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that also copes with directories the command made read-only."""
+    def retry(function: Callable[..., object], failed: str, _: object) -> None:
+        parent = os.path.dirname(failed)
+        with contextlib.suppress(OSError):
+            os.chmod(parent, stat.S_IRWXU)
+        with contextlib.suppress(OSError):
+            os.chmod(failed, stat.S_IRWXU)
+        with contextlib.suppress(FileNotFoundError):
+            function(failed)
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
+
+
+async def retry_transient(operation: Callable[[], Awaitable[T]], what: str, *,
+                          window: float, max_delay: float) -> T:
+    """Run `operation`, again with backoff while it fails with a transient CAS error,
+    for up to `window` seconds; then the last error is raised."""
+    deadline = time.monotonic() + window
+    delay = 0.1
+    attempt = 0
+    while True:
+        try:
+            return await operation()
+        except CasError as error:
+            if error.code not in TRANSIENT_CAS_CODES or time.monotonic() >= deadline:
+                raise
+            attempt += 1
+            pause = min(delay, max_delay, max(0.0, deadline - time.monotonic()))
+            pause *= random.uniform(0.5, 1.0)
+            (log.warning if attempt == 1 else log.debug)(
+                "%s: CAS unreachable (%s); retrying for up to %.0fs", what, error.message,
+                max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(pause)
+            delay *= 2
+
+
+class Runner:
+    """Runs leases for one bot."""
+
+    def __init__(self, cas: CasClient, cache: LocalCache, config: RunnerConfig) -> None:
+        self.cas = cas
+        self.cache = cache
+        self.config = config
+        self.process_groups: set[int] = set()  # running commands, for an abrupt stop
+        self.completed = 0
+
+    async def _spawn(self, command: re_pb2.Command, working: Path, environment: dict[str, str],
+                     timeout: float, stdout: int, stderr: int) -> tuple[int, bool]:
+        """Run the command to its end (or timeout); (exit code, timed out)."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *command.arguments, cwd=working, env=environment,
+                stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                start_new_session=True)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError | NotADirectoryError):
+                exit_code = 127  # as a shell would: not found
+            elif isinstance(error, PermissionError) or error.errno == errno.ENOEXEC:
+                exit_code = 126  # found but not runnable
+            else:
+                raise OSError(error.errno, f"could not start the command: "
+                              f"{error.strerror}") from None
+            os.write(stderr, f"buildfleet bot: cannot run {command.arguments[0]!r}: "
+                             f"{error.strerror}\n".encode())
+            return exit_code, False
+        self.process_groups.add(process.pid)
+        timed_out = False
+        try:
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                timed_out = True
+        finally:
+            kill_group(process.pid)
+            if process.returncode is None:
+                await process.wait()
+            self.process_groups.discard(process.pid)
+        returncode = process.returncode
+        assert returncode is not None
+        return (returncode if returncode >= 0 else 128 - returncode), timed_out
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        return await retry_transient(operation, what, window=self.config.cas_retry_timeout,
+                                     max_delay=self.config.retry_max_delay)
+
+    def kill_all(self) -> None:
+        """SIGKILL every running command (used when the bot must stop at once)."""
+        for pgid in list(self.process_groups):
+            kill_group(pgid)
+
+    async def run(self, lease_id: str, payload: AnyProto) -> LeaseOutcome:
+        """Run the action of one lease to its outcome (cancellation kills the command)."""
+        metadata = re_pb2.ExecutedActionMetadata(worker=self.config.bot_id)
+        started = _stamp(metadata.worker_start_timestamp)
+        summary: dict[str, float | int | str] = {}
+        action_digest: Digest | None = None
+        outcome: LeaseOutcome
+        try:
+            action, action_digest = await self._action(payload)
+            outcome = await self._run_action(action, action_digest, metadata, summary)
+        except asyncio.CancelledError:
+            log.info("lease %s action %s: stopped after %.3fs (command killed)", lease_id,
+                     action_digest or "?", time.monotonic() - started)
+            raise
+        except BuildfleetError as error:
+            outcome = LeaseOutcome(status(error.code.value[0], error.message,
+                                          [_pack(d) for d in error.details]))
+        except MissingBlobs as error:
+            failure = missing_error(error.digests, "blob")
+            outcome = LeaseOutcome(status(code_pb2.FAILED_PRECONDITION, failure.message,
+                                          [_pack(d) for d in failure.details]))
+        except CorruptBlob as error:
+            outcome = LeaseOutcome(status(code_pb2.INTERNAL, error.message))
+        except CasError as error:
+            if error.code in TRANSIENT_CAS_CODES:
+                outcome = LeaseOutcome(status(code_pb2.UNAVAILABLE,
+                                              f"CAS unreachable: {error.message}"))
+            elif error.code == grpc.StatusCode.INVALID_ARGUMENT:
+                outcome = LeaseOutcome(status(code_pb2.INVALID_ARGUMENT, error.message))
+            else:
+                outcome = LeaseOutcome(status(code_pb2.INTERNAL,
+                                              f"CAS error {error.code.name}: {error.message}"))
+        except OSError as error:
+            cause = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "I/O error"
+            log.warning("lease %s: %s", lease_id, error)
+            outcome = LeaseOutcome(status(code_pb2.INTERNAL,
+                                          f"bot {self.config.bot_id}: {cause}: {error}"))
+        except Exception as error:  # a bug: report it so the server retries elsewhere
+            log.exception("lease %s failed on the bot", lease_id)
+            outcome = LeaseOutcome(status(code_pb2.INTERNAL,
+                                          f"bot {self.config.bot_id}: {type(error).__name__}: "
+                                          f"{error}"))
+        outcome.action_digest = action_digest
+        summary["total"] = time.monotonic() - started
+        outcome.summary = summary
+        self.completed += 1
+        self._log(lease_id, outcome)
+        return outcome
+
+    def _log(self, lease_id: str, outcome: LeaseOutcome) -> None:
+        summary = outcome.summary
+        exit_code = outcome.result.exit_code if outcome.result is not None else "-"
+        code = code_pb2.Code.Name(outcome.code) if outcome.code in code_pb2.Code.values() \
+            else str(outcome.code)
+        message = f" ({outcome.status.message})" if outcome.status.message else ""
+        log.info(
+            "lease %s action %s: exit code %s, status %s%s; fetch %.3fs (cache hits %s, "
+            "misses %s, %s bytes downloaded), execution %.3fs, upload %.3fs, total %.3fs",
+            lease_id, outcome.action_digest or "?", exit_code, code, message,
+            summary.get("fetch", 0.0), summary.get("cache_hits", 0),
+            summary.get("cache_misses", 0), summary.get("bytes_downloaded", 0),
+            summary.get("execution", 0.0), summary.get("upload", 0.0),
+            summary.get("total", 0.0))
+
+    async def _action(self, payload: AnyProto) -> tuple[re_pb2.Action, Digest]:
+        kind = payload.type_url.rsplit("/", 1)[-1]
+        if kind == ACTION_NAME:
+            action = re_pb2.Action()
+            try:
+                action.ParseFromString(payload.value)
+            except DecodeError:
+                raise InvalidArgument("lease payload is not a valid Action") from None
+            return action, Digest.of(payload.value)
+        if kind == DIGEST_NAME:
+            message = re_pb2.Digest()
+            try:
+                message.ParseFromString(payload.value)
+            except DecodeError:
+                raise InvalidArgument("lease payload is not a valid Digest") from None
+            digest = Digest.from_proto(message, "lease payload (action digest)")
+            try:
+                action = await self._retry(
+                    lambda: self.cas.read_message(digest, re_pb2.Action, "action"),
+                    "fetching the action")
+            except MissingBlobs:
+                raise missing_error([digest], "action") from None
+            return action, digest
+        raise InvalidArgument(f"lease payload of type {payload.type_url!r} is neither an "
+                              "Action nor a Digest")
+
+    async def _run_action(self, action: re_pb2.Action, action_digest: Digest,
+                          metadata: re_pb2.ExecutedActionMetadata,
+                          summary: dict[str, float | int | str]) -> LeaseOutcome:
+        fetch_started = _stamp(metadata.input_fetch_start_timestamp)
+        command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
+        root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
+        try:
+            command = await self._retry(
+                lambda: self.cas.read_message(command_digest, re_pb2.Command, "command"),
+                "fetching the command")
+        except MissingBlobs:
+            raise missing_error([command_digest], "command") from None
+        outputs = check_command(command)
+        if action.HasField("timeout") and (action.timeout.seconds or action.timeout.nanos):
+            timeout = action.timeout.seconds + action.timeout.nanos / 1e9
+            if timeout < 0:
+                raise InvalidArgument(f"action timeout {timeout}s is negative")
+        else:
+            timeout = self.config.default_timeout
+        directories = await self._retry(lambda: self.cas.get_tree(root_digest),
+                                        "fetching the input tree")
+        tree = flatten_tree(root_digest, directories,
+                            allow_outside_symlinks=self.config.allow_outside_symlinks)
+        fetch = await self._retry(lambda: self.cache.ensure(tree.file_keys(), self.cas),
+                                  "fetching input files")
+        summary.update(cache_hits=fetch.hits, cache_misses=fetch.misses,
+                       bytes_downloaded=fetch.bytes_downloaded)
+        action_dir = self.config.work_dir / uuid.uuid4().hex
+        try:
+            try:
+                await in_thread(os.mkdir, action_dir, 0o700)
+                root = action_dir / "root"
+                await in_thread(os.mkdir, root, 0o755)
+                working = await in_thread(materialise, tree, root, self.cache, outputs)
+            finally:
+                self.cache.release(fetch)
+            summary["fetch"] = _stamp(metadata.input_fetch_completed_timestamp) - fetch_started
+            return await self._execute(command, outputs, timeout, action_dir, root, working,
+                                       metadata, summary)
+        finally:
+            await in_thread(remove_tree, action_dir)
+
+    async def _execute(self, command: re_pb2.Command, outputs: Outputs, timeout: float,
+                       action_dir: Path, root: Path, working: Path,
+                       metadata: re_pb2.ExecutedActionMetadata,
+                       summary: dict[str, float | int | str]) -> LeaseOutcome:
+        stdout_path = action_dir / "stdout"
+        stderr_path = action_dir / "stderr"
+        environment = {v.name: v.value for v in command.environment_variables}
+        exec_started = _stamp(metadata.execution_start_timestamp)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        stdout = await in_thread(os.open, stdout_path, flags, 0o644)
+        try:
+            stderr = await in_thread(os.open, stderr_path, flags, 0o644)
+            try:
+                exit_code, timed_out = await self._spawn(command, working, environment,
+                                                         timeout, stdout, stderr)
+            finally:
+                os.close(stderr)
+        finally:
+            os.close(stdout)
+        elapsed = _stamp(metadata.execution_completed_timestamp) - exec_started
+        summary["execution"] = elapsed
+        metadata.virtual_execution_duration.FromNanoseconds(int(elapsed * 1e9))
+
+        upload_started = _stamp(metadata.output_upload_start_timestamp)
+        result = re_pb2.ActionResult(exit_code=exit_code)
+        blobs: dict[Digest, bytes | Path] = {}
+        if not timed_out:
+            collected = await in_thread(collect_outputs, root, working, outputs)
+            for skipped in collected.skipped:
+                log.warning("output %s", skipped)
+            result.CopyFrom(collected.result)
+            result.exit_code = exit_code
+            blobs.update(collected.blobs)
+        stdout_digest = await in_thread(digest_of_file, stdout_path)
+        stderr_digest = await in_thread(digest_of_file, stderr_path)
+        blobs.setdefault(stdout_digest, stdout_path)
+        blobs.setdefault(stderr_digest, stderr_path)
+        result.stdout_digest.hash, result.stdout_digest.size_bytes = stdout_digest
+        result.stderr_digest.hash, result.stderr_digest.size_bytes = stderr_digest
+        await self._retry(lambda: self.cas.upload(blobs), "uploading outputs")
+        summary["upload"] = _stamp(metadata.output_upload_completed_timestamp) - upload_started
+        metadata.worker_completed_timestamp.GetCurrentTime()
+        result.execution_metadata.CopyFrom(metadata)
+        sort_result(result)
+        if timed_out:
+            return LeaseOutcome(status(code_pb2.DEADLINE_EXCEEDED,
+                                       f"the command ran longer than its timeout of "
+                                       f"{timeout:g}s and was killed"), result)
+        return LeaseOutcome(status(code_pb2.OK), result)
+
+
+def _pack(message: Message) -> AnyProto:
+    if isinstance(message, AnyProto):
+        return message
+    packed = AnyProto()
+    packed.Pack(message)
+    return packed
