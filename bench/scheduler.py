@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
-from common import percentile, report, rss_mib, spawned_server  # noqa: E402
+from common import cpu_seconds, percentile, report, rss_mib, spawned_server  # noqa: E402
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
     remote_execution_pb2 as re_pb2,
@@ -206,6 +206,7 @@ def main() -> int:
             worker.start()
         for event in ready:
             event.wait(60)
+        cpu_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
         try:
             figures = asyncio.run(run_clients(address, args.instance, args))
         finally:
@@ -213,6 +214,10 @@ def main() -> int:
                 worker.terminate()
         if server_pid is not None:
             figures["server_rss_mib"] = round(rss_mib(server_pid), 1)
+            # Server CPU per action (upload phase included): steadier than wall
+            # time on a machine shared with other work.
+            figures["server_cpu_ms_per_action"] = round(
+                (cpu_seconds(server_pid) - cpu_before) * 1000 / max(1, args.actions), 3)
         return figures
 
     if args.target:

@@ -11,6 +11,7 @@ import click
 
 from buildfleet import __version__
 from buildfleet.config import ConfigError, load_config
+from buildfleet.up import up
 from buildfleet.worker.command import bot
 
 
@@ -55,3 +56,4 @@ def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | No
 
 
 main.add_command(bot)  # `buildfleet bot`, defined with the bot in buildfleet.worker
+main.add_command(up)  # `buildfleet up`: server plus local bots, in buildfleet.up

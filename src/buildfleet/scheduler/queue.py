@@ -13,6 +13,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from buildfleet.scheduler.model import Job, Properties, Stage
 
@@ -30,8 +31,8 @@ class _Group:
     def candidates(self, oldest_first: bool, accept: Callable[[Job], bool],
                    scan_limit: int = 32) -> Job | None:
         """The best member that `accept` admits, looking at most `scan_limit` deep."""
-        heap: list = self.by_age if oldest_first else self.by_priority  # type: ignore[type-arg]
-        skipped: list = []  # type: ignore[type-arg]
+        heap: list[Any] = self.by_age if oldest_first else self.by_priority
+        skipped: list[Any] = []
         found: Job | None = None
         while heap and len(skipped) < scan_limit:
             entry = heap[0]

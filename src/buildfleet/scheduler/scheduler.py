@@ -311,14 +311,19 @@ class Scheduler:
     async def _update(self, session: BotSession, status: BotStatus, leases: list[ReportedLease],
                       properties: Properties | None, capacity: int | None,
                       worker: bytes | None, wait: float) -> tuple[BotSession, list[Lease]]:
+        mark = self.store.queued
+        before = (session.status, session.properties, session.capacity, session.worker_proto)
         if status != BotStatus.UNSPECIFIED:
             session.status = status
-        if properties is not None and properties != session.properties:
+        if properties is not None:
             session.properties = properties
         if capacity is not None:
             session.capacity = capacity
         if worker is not None:
             session.worker_proto = worker
+        if (session.status, session.properties, session.capacity,
+                session.worker_proto) != before:
+            self.store.save_session(session)
         terminating = session.status == BotStatus.BOT_TERMINATING
         changed = await self._reconcile(session, leases, terminating)
         if terminating and not session.leases:
@@ -336,9 +341,11 @@ class Scheduler:
             self.live_session(session.name)  # raises with the reason
         self._assign(session)
         response = self._response_leases(session)
-        session.version += 1
-        self.store.save_session(session)
-        await self.store.flush()
+        session.version += 1  # not stored: bots only echo it
+        if self.store.queued != mark:
+            # Results accepted or work assigned in this call (or by others meanwhile)
+            # must be durable before the bot hears about them.
+            await self.store.flush()
         return session, response
 
     async def _long_poll(self, session: BotSession, wait: float) -> None:

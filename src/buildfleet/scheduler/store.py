@@ -93,6 +93,7 @@ class SchedulerStore(abc.ABC):
         self._writer: asyncio.Task[None] | None = None
         self._writing = False
         self.commits = 0
+        self.queued = 0  # changes handed to the store so far (a cheap change marker)
 
     # -- what the scheduler calls -------------------------------------------
     def save_job(self, job: Job) -> None:
@@ -160,6 +161,7 @@ class SchedulerStore(abc.ABC):
 
     # -- group commit ---------------------------------------------------------
     def _queue(self, table: str, key: str, item: Any) -> None:
+        self.queued += 1
         self._pending[(table, key)] = item
         if self._wake is not None and not self._writing:
             self._wake.set()

@@ -7,6 +7,7 @@ shared.  `Instances.get` is how every service resolves a request's instance name
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class Instances:
             raise InvalidArgument(f"unknown instance name {name!r} (this server serves {known})")
         return instance
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Instance]:
         return iter(self.by_name.values())
 
     def schedulers(self) -> list[Scheduler]:

@@ -3,20 +3,28 @@
 `Cas` wraps any `BlobStore`: writes are verified (hash and size) before they are
 stored, whole-blob reads are verified before they are returned (a corrupted blob
 is logged, removed and reported as missing), and the empty blob is always present.
+Streamed reads (`read_verified`) are hashed as they go, holding the last chunk
+back until the whole blob has checked out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from buildfleet.digest import EMPTY_DIGEST, Digest, verify
-from buildfleet.errors import InvalidArgument, ResourceExhausted
-from buildfleet.storage.base import BlobReader, BlobStore, BlobWriter, BytesReader
+from buildfleet.errors import DataCorrupted, InvalidArgument, ResourceExhausted
+from buildfleet.storage.base import (
+    DEFAULT_CHUNK_SIZE,
+    BlobReader,
+    BlobStore,
+    BlobWriter,
+    BytesReader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +113,49 @@ class Cas:
             await self._discard_corrupted(digest)
             return None
         return reader
+
+    async def read_verified(self, digest: Digest, reader: BlobReader, offset: int = 0,
+                            limit: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE
+                            ) -> AsyncGenerator[bytes, None]:
+        """Yield the range [offset, offset+limit) (limit 0: to the end) of an open blob,
+        verified against its digest whenever that costs at most one extra pass.
+
+        A range that reaches the end of the blob is verified as it streams: bytes
+        before `offset` are read and hashed (not yielded), every chunk is hashed,
+        and the last chunk is held back until the hash of the whole blob checks
+        out.  A blob of at most one chunk is verified whatever the range.  On a
+        mismatch the blob is logged and removed, and DataCorrupted is raised
+        instead of the last chunk, so a client never receives a complete read of
+        corrupted bytes.  A range that stops short of the end of a larger blob is
+        read as it is stored (verifying it would mean reading the rest too).
+        """
+        size = reader.size
+        end = size if limit <= 0 else min(size, offset + limit)
+        if end < size and size > chunk_size:
+            async for chunk in reader.chunks(offset, end - offset, chunk_size):
+                yield chunk
+            return
+        hasher = hashlib.sha256()
+        position = 0
+        held: bytes | None = None
+        while position < size:
+            data = await reader.read(position, min(chunk_size, size - position,
+                                                   max(offset - position, 0) or chunk_size))
+            if not data:
+                break
+            hasher.update(data)
+            start, stop = max(offset - position, 0), min(end - position, len(data))
+            if start < stop:
+                if held is not None:
+                    yield held
+                held = data[start:stop] if (start, stop) != (0, len(data)) else data
+            position += len(data)
+        if position != digest.size_bytes or hasher.hexdigest() != digest.hash:
+            await self._discard_corrupted(digest)
+            raise DataCorrupted(f"blob {digest} is corrupted in storage (its bytes no longer "
+                                "match its digest); it has been removed: upload it again")
+        if held is not None:
+            yield held
 
     async def begin_write(self, digest: Digest) -> VerifyingWriter:
         """A writer that hashes what it receives and refuses to commit a mismatch."""

@@ -25,7 +25,7 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import (
 from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import InvalidArgument, NotFound, PermissionDenied
 from buildfleet.server.instance import Instances
-from buildfleet.server.rpc import rpc
+from buildfleet.server.rpc import add_service, rpc
 
 
 def _check_digest(message: re_pb2.Digest, what: str) -> Digest:
@@ -64,7 +64,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         self.instances = instances
 
     def register(self, server: grpc.aio.Server) -> None:
-        re_grpc.add_ActionCacheServicer_to_server(self, server)
+        add_service(server, self, re_pb2.DESCRIPTOR.services_by_name["ActionCache"])
 
     @rpc
     async def GetActionResult(self, request: re_pb2.GetActionResultRequest,

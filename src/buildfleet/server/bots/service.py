@@ -40,12 +40,14 @@ from buildfleet.errors import InvalidArgument
 from buildfleet.scheduler.model import BotSession, BotStatus, Lease, LeaseState, Properties
 from buildfleet.scheduler.protos import ACTION_URL, DIGEST_URL
 from buildfleet.scheduler.scheduler import ReportedLease, Scheduler
-from buildfleet.server.rpc import rpc
+from buildfleet.server.rpc import add_service, rpc
 
 __all__ = ["BaseBotsService", "BotMetrics", "BotsService", "UninstancedBotsService"]
 
 UNKNOWN_LABEL = "unknown"
 MIN_POLL = 0.05  # below this much remaining deadline, answer at once
+MAX_CAPACITY = 10_000  # leases one bot may hold at once
+MAX_EVENT_MESSAGE = 4096  # characters of a PostBotEventTemp message that are kept
 
 
 class BotMetrics(TypedDict):
@@ -83,9 +85,15 @@ def worker_capacity(worker: worker_pb2.Worker) -> int:
     if not values:
         return 1
     text = values[-1].strip()
-    if not text.isdigit() or int(text) < 1:
+    # ASCII digits only: str.isdigit() also accepts digits int() refuses ("²"), and
+    # a bounded length keeps int() away from its limit on huge numbers.
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or int(text) < 1:
         raise InvalidArgument(
-            f"worker config capacity={values[-1]!r} is not a positive whole number")
+            f"worker config capacity={values[-1]!r:.40} is not a positive whole number")
+    if int(text) > MAX_CAPACITY:
+        raise InvalidArgument(
+            f"worker config capacity={text} is more than the {MAX_CAPACITY} leases a bot "
+            "may run at once")
     return int(text)
 
 
@@ -186,7 +194,11 @@ class BaseBotsService:
                     scheduler: Scheduler) -> Empty:
         names = bots_pb2.PostBotEventTempRequest.Type
         kind = names.Name(request.type) if request.type in names.values() else str(request.type)
-        scheduler.post_event(request.name, kind, request.msg)
+        message = request.msg
+        if len(message) > MAX_EVENT_MESSAGE:  # kept per session and logged: bounded
+            message = (f"{message[:MAX_EVENT_MESSAGE]}... "
+                       f"({len(message) - MAX_EVENT_MESSAGE} more characters dropped)")
+        scheduler.post_event(request.name, kind, message)
         return Empty()
 
     def query_connected_bots_for_instance(self, instance_name: str) -> int:
@@ -244,7 +256,7 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
 
     def REGISTER_METHOD(self, server: grpc.aio.Server) -> None:  # noqa: N802 - public name
         """Add this servicer to a grpc.aio server."""
-        bots_pb2_grpc.add_BotsServicer_to_server(self, server)
+        add_service(server, self, bots_pb2.DESCRIPTOR.services_by_name["Bots"])
 
     def register(self, server: grpc.aio.Server) -> None:
         self.REGISTER_METHOD(server)
@@ -293,7 +305,7 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
 
     def REGISTER_METHOD(self, server: grpc.aio.Server) -> None:  # noqa: N802 - public name
         """Add this servicer to a grpc.aio server."""
-        bots_pb2_grpc.add_BotsServicer_to_server(self, server)
+        add_service(server, self, bots_pb2.DESCRIPTOR.services_by_name["Bots"])
 
     def register(self, server: grpc.aio.Server) -> None:
         self.REGISTER_METHOD(server)

@@ -31,17 +31,27 @@ import zstandard
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from buildfleet.digest import Digest
-from buildfleet.errors import Aborted, InvalidArgument, NotFound, OutOfRange, Unavailable
+from buildfleet.errors import (
+    Aborted,
+    DataCorrupted,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
 from buildfleet.server.bytestream.resource import ResourceName, parse_read, parse_write, quote
 from buildfleet.server.instance import Instances
-from buildfleet.server.rpc import rpc
-from buildfleet.storage.base import BlobReader
+from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.cas import Cas, VerifyingWriter
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024  # bytes per ReadResponse
 DEFAULT_IDLE_TIMEOUT = 600.0  # seconds before an unfinished, unused upload is aborted
+# Unfinished uploads kept at once (each holds an open temporary file).  Beyond it the
+# longest-idle one is aborted; when every one is being written, a new one is refused.
+DEFAULT_MAX_UPLOADS = 4096
 ZSTD_LEVEL = 1  # fast; REAPI lets the server pick any level
 # Compressed input is fed to the decompressor in slices of this size, so that the
 # output waiting to be written stays small for ordinary data.
@@ -159,14 +169,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     FULL_NAME = "google.bytestream.ByteStream"
 
     def __init__(self, instances: Instances, *,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 max_uploads: int = DEFAULT_MAX_UPLOADS) -> None:
         self.instances = instances
         self.idle_timeout = idle_timeout
+        self.max_uploads = max_uploads
         self._uploads: dict[UploadKey, _Upload] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        bs_grpc.add_ByteStreamServicer_to_server(self, server)
+        add_service(server, self, bs_pb2.DESCRIPTOR.services_by_name["ByteStream"])
 
     @property
     def unfinished_uploads(self) -> int:
@@ -210,21 +222,27 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if reader is None:
             raise NotFound(f"blob {digest} is not in the CAS of instance "
                            f"{resource.instance_name!r}")
+        # Verified as it streams (see Cas.read_verified): a blob found corrupted is
+        # removed and the read ends NOT_FOUND instead of with its last chunk.
+        chunks = instance.cas.read_verified(digest, reader, offset, limit, CHUNK_SIZE)
         try:
             if resource.compressed:
-                await self._send_compressed(reader, offset, context)
+                await self._send_compressed(chunks, reader.size - offset, context)
             else:
-                async for chunk in reader.chunks(offset, limit, CHUNK_SIZE):
+                async for chunk in chunks:
                     await context.write(bs_pb2.ReadResponse(data=chunk))
+        except DataCorrupted as error:
+            raise NotFound(error.message) from None
         finally:
+            await chunks.aclose()
             await reader.close()
 
     @staticmethod
-    async def _send_compressed(reader: BlobReader, offset: int,
+    async def _send_compressed(chunks: AsyncIterator[bytes], size: int,
                                context: grpc.aio.ServicerContext) -> None:
         chunker = zstandard.ZstdCompressor(level=ZSTD_LEVEL).chunker(
-            size=reader.size - offset, chunk_size=CHUNK_SIZE)
-        async for chunk in reader.chunks(offset, 0, CHUNK_SIZE):
+            size=size, chunk_size=CHUNK_SIZE)
+        async for chunk in chunks:
             for compressed in chunker.compress(chunk):
                 await context.write(bs_pb2.ReadResponse(data=compressed))
         for compressed in chunker.finish():
@@ -246,6 +264,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         instance = self.instances.get(resource.instance_name)
         digest = resource.digest
         instance.cas.check_size(digest)
+        await self._make_room(resource)
         upload = self._claim(resource, name, instance.cas)
         keep = True  # until the upload is touched, an error leaves it as it was
         try:
@@ -295,6 +314,23 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                           "retry when that stream has ended")
         upload.busy = True
         return upload
+
+    async def _make_room(self, resource: ResourceName) -> None:
+        """Before a new upload: keep at most `max_uploads`, aborting the longest-idle
+        ones, or refuse with RESOURCE_EXHAUSTED when all of them are being written."""
+        assert resource.upload_id is not None
+        key: UploadKey = (resource.instance_name, resource.upload_id, resource.digest,
+                          resource.compressor)
+        while key not in self._uploads and len(self._uploads) >= self.max_uploads:
+            idle = [upload for upload in self._uploads.values() if not upload.busy]
+            if not idle:
+                raise ResourceExhausted(
+                    f"{len(self._uploads)} uploads are being written, this server's limit; "
+                    "retry later")
+            oldest = min(idle, key=lambda upload: upload.idle_since)
+            log.info("aborting upload %s after %d bytes: %d unfinished uploads is the limit",
+                     quote(oldest.name), oldest.committed, self.max_uploads)
+            await self._drop(oldest)
 
     @staticmethod
     async def _position(upload: _Upload, offset: int) -> None:

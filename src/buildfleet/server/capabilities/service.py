@@ -22,7 +22,7 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import (
 )
 from buildfleet._proto.build.bazel.semver import semver_pb2
 from buildfleet.server.instance import Instance, Instances
-from buildfleet.server.rpc import rpc
+from buildfleet.server.rpc import add_service, rpc
 
 # Bazel 4.2 refuses a server whose low version is above 2.0.
 LOW_API_VERSION = semver_pb2.SemVer(major=2, minor=0)
@@ -78,7 +78,7 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
         self.instances = instances
 
     def register(self, server: grpc.aio.Server) -> None:
-        re_grpc.add_CapabilitiesServicer_to_server(self, server)
+        add_service(server, self, re_pb2.DESCRIPTOR.services_by_name["Capabilities"])
 
     @rpc
     async def GetCapabilities(self, request: re_pb2.GetCapabilitiesRequest,

@@ -25,7 +25,7 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import BuildfleetError, InvalidArgument, NotFound, Unimplemented
 from buildfleet.server.instance import Instance, Instances
-from buildfleet.server.rpc import rpc, status_proto
+from buildfleet.server.rpc import add_service, rpc, status_proto
 from buildfleet.storage.cas import Cas
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
         self.instances = instances
 
     def register(self, server: grpc.aio.Server) -> None:
-        re_grpc.add_ContentAddressableStorageServicer_to_server(self, server)
+        add_service(server, self,
+                    re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"])
 
     def _instance(self, name: str, digest_function: int) -> Instance:
         instance = self.instances.get(name)

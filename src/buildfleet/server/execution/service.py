@@ -20,7 +20,7 @@ from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
 from buildfleet.scheduler.protos import operation_proto, platform_requirements
 from buildfleet.scheduler.scheduler import Scheduler
 from buildfleet.server.instance import Instance, Instances
-from buildfleet.server.rpc import rpc
+from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.action_cache import missing_blobs_error
 
 
@@ -58,7 +58,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
         self.instances = instances
 
     def register(self, server: grpc.aio.Server) -> None:
-        re_grpc.add_ExecutionServicer_to_server(self, server)
+        add_service(server, self, re_pb2.DESCRIPTOR.services_by_name["Execution"])
 
     @rpc
     async def Execute(self, request: re_pb2.ExecuteRequest,  # noqa: N802

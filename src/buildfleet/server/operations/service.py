@@ -7,6 +7,7 @@ import base64
 import bisect
 import json
 import re
+from collections.abc import Callable
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -17,7 +18,7 @@ from buildfleet.scheduler.model import Operation, Stage
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.server.execution.service import executing_scheduler, scheduler_for_operation
 from buildfleet.server.instance import Instances
-from buildfleet.server.rpc import rpc
+from buildfleet.server.rpc import add_service, rpc
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -26,7 +27,7 @@ DEADLINE_MARGIN = 0.2  # seconds WaitOperation keeps in hand before the call's d
 _FILTER = re.compile(r"\s*(stage|done)\s*=\s*(\w+)\s*", re.IGNORECASE)
 
 
-def _matcher(text: str):  # type: ignore[no-untyped-def]
+def _matcher(text: str) -> Callable[[Operation], bool]:
     """A predicate for ListOperations' filter: `stage=QUEUED|EXECUTING|COMPLETED`, `done=…`."""
     if not text.strip():
         return lambda operation: True
@@ -90,7 +91,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         self.instances = instances
 
     def register(self, server: grpc.aio.Server) -> None:
-        operations_pb2_grpc.add_OperationsServicer_to_server(self, server)
+        add_service(server, self, operations_pb2.DESCRIPTOR.services_by_name["Operations"])
 
     @rpc
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,  # noqa: N802

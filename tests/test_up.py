@@ -1,0 +1,131 @@
+"""`buildfleet up` as a user runs it: a real process with real bots.
+
+It prints the endpoint and the Bazel flags once its bots are registered, runs
+actions on them, restarts a bot that dies, and stops cleanly (bots drained first,
+exit 0, no process left behind), even when it is killed itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from botkit import Client, stdout_is
+from upprocess import UpProcess, alive, wait_until
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.worker.config import machine_properties
+
+OS_FAMILY = dict(machine_properties())["OSFamily"]
+
+
+async def _execute(address: str, *arguments: str, instance: str = "") -> re_pb2.ExecuteResponse:
+    """Run a command through Execute (uncached); its response."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        client = Client(channel, instance)
+        digest = await client.action(*arguments, platform=[("OSFamily", OS_FAMILY)],
+                                     do_not_cache=True)
+        return await client.result(client.execute(digest))
+
+
+def test_up_prints_flags_runs_actions_and_stops_cleanly(tmp_path: Path) -> None:
+    with UpProcess.start(tmp_path, bots=2) as up:
+        flags = up.bazel_flags()
+        assert f"--remote_executor=grpc://{up.endpoint}" in flags, up.stdout()
+        assert f"--remote_default_exec_properties=OSFamily={OS_FAMILY}" in flags, up.stdout()
+        assert "build --remote_executor=" in up.stdout()  # the .bazelrc form
+        bots = up.bot_pids()
+        assert len(bots) == 2, up.report()
+
+        response = asyncio.run(_execute(up.endpoint, "sh", "-c", "echo hello from $0", "bot"))
+        assert response.status.code == 0, response
+        assert response.result.exit_code == 0, response
+        assert stdout_is(response.result, b"hello from bot\n"), response.result
+        assert "-bot" in response.result.execution_metadata.worker
+
+        # SIGTERM while an action runs: the bots drain it (the client gets its
+        # result), then everything stops, exit 0, no process left.
+        marker = tmp_path / "running"
+
+        async def run_through_stop() -> re_pb2.ExecuteResponse:
+            task = asyncio.create_task(_execute(
+                up.endpoint, "sh", "-c", f"touch {marker}; sleep 1; echo drained"))
+            for _ in range(3000):  # the command runs on a bot (at most 30 s)
+                if marker.exists() or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert marker.exists(), up.report()
+            up.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(task, 60)
+
+        response = asyncio.run(run_through_stop())
+        assert response.status.code == 0, (response, up.report())
+        assert response.result.exit_code == 0, response
+        assert stdout_is(response.result, b"drained\n"), response.result
+        assert up.wait(60) == 0, up.report()
+        assert not any(alive(pid) for pid in bots), up.report()
+        assert "stopped" in up.stderr()
+
+
+def test_ctrl_c_stops_the_grid(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group."""
+    with UpProcess.start(tmp_path, bots=2, new_session=True) as up:
+        bots = up.bot_pids()
+        assert len(bots) == 2, up.report()
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(60) == 0, up.report()
+        assert not any(alive(pid) for pid in bots), up.report()
+        # The bots were stopped by `up` (one signal each: a clean drain, exit 0).
+        assert "SIGTERM again" not in up.bot_logs(), up.bot_logs()
+        assert "exited with" not in up.stderr(), up.stderr()
+
+
+def test_a_bot_that_dies_is_restarted(tmp_path: Path) -> None:
+    with UpProcess.start(tmp_path, bots=1) as up:
+        (first,) = up.bot_pids()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: len(up.bot_pids() - {first}) == 1, 30, "a new bot process")
+        wait_until(lambda: "restarting it in" in up.stderr(), 10, "the restart being logged")
+        assert "was killed by SIGKILL" in up.stderr()
+        # The new bot took over (same bot id: it replaced the dead one's session).
+        response = asyncio.run(_execute(up.endpoint, "echo", "still working"))
+        assert response.result.exit_code == 0, (response, up.report())
+        assert up.stop() == 0, up.report()
+
+
+def test_no_bot_outlives_a_killed_up(tmp_path: Path) -> None:
+    with UpProcess.start(tmp_path, bots=2) as up:
+        bots = up.bot_pids()
+        assert len(bots) == 2, up.report()
+        up.process.kill()
+        up.wait(10)
+        wait_until(lambda: not any(alive(pid) for pid in bots), 30,
+                   "the bots of a SIGKILLed `up` exiting")
+
+
+def test_named_instances_get_their_own_bots_and_flags(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"instances": {
+        "": {}, "ci/linux": {}, "cache-only": {"scheduler": {"enabled": False}}}}))
+    with UpProcess.start(tmp_path, bots=1, config=config) as up:
+        assert len(up.bot_pids()) == 2, up.report()
+        flags = up.bazel_flags("ci/linux")
+        assert "--remote_instance_name=ci/linux" in flags
+        with pytest.raises(AssertionError):
+            up.bazel_flags("cache-only")
+        response = asyncio.run(_execute(up.endpoint, "echo", "named", instance="ci/linux"))
+        assert response.result.exit_code == 0, (response, up.report())
+        assert "ci-linux-bot0" in response.result.execution_metadata.worker
+        assert up.stop() == 0, up.report()
+
+
+def test_bad_instance_option_is_refused(tmp_path: Path) -> None:
+    up = UpProcess.spawn(tmp_path, bots=1, extra_args=["--instance", "nope"])
+    with up:
+        assert up.wait(30) != 0
+        assert "no such instance" in up.stderr()
