@@ -44,3 +44,10 @@ def test_cas_benchmark_runs() -> None:
     figures = run_benchmark("cas.py", "--sizes", "1KiB,2MiB", "--repeat", "1",
                             "--small-blobs", "300", "--batch", "100")
     assert {"write_2MiB_MBps", "read_2MiB_MBps", "batch_update_300_blobs_s"} <= set(figures)
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_benchmark_runs_without_problems() -> None:
+    figures = run_benchmark("fuzz.py", "--requests", "300", "--seed", "1")
+    assert figures["problems"] == 0 and figures["server_alive"] is True
+    assert figures["stored_data_intact"] is True

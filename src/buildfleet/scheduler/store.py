@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
 
+# Errors a row raises however often it is written (a value SQLite cannot hold, a
+# type it does not take), unlike a full disk or a locked database, which pass.
+UNSTORABLE = (OverflowError, TypeError, ValueError, sqlite3.InterfaceError,
+              sqlite3.ProgrammingError, sqlite3.DataError)
+
 
 @dataclass
 class StoredState:
@@ -121,6 +126,8 @@ class SchedulerStore(abc.ABC):
         if self._wake is None:
             raise RuntimeError("store not started")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A caller cancelled meanwhile never reads a failure: mark it retrieved.
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
         self._waiters.append(future)
         self._wake.set()
         await asyncio.shield(future)
@@ -186,7 +193,10 @@ class SchedulerStore(abc.ABC):
                     upserts.setdefault(table, []).append(_TABLES[table][1](item))
             self._writing = True
             try:
-                await self._write(upserts, deletes)
+                try:
+                    await self._write(upserts, deletes)
+                except UNSTORABLE as error:
+                    await self._write_row_by_row(upserts, deletes, error)
                 self.commits += 1
             except Exception as error:  # keep the changes for the next attempt
                 log.error("scheduler store write failed: %s", error)
@@ -206,6 +216,22 @@ class SchedulerStore(abc.ABC):
                     waiter.set_result(None)
             if self._pending or self._waiters:
                 self._wake.set()
+
+    async def _write_row_by_row(self, upserts: dict[str, list[Row]],
+                                deletes: dict[str, list[str]], error: Exception) -> None:
+        """Write a batch one row at a time, logging and leaving out rows that can never
+        be stored; retrying those would stall every later change."""
+        log.error("scheduler store: a batch cannot be stored as a whole (%s); "
+                  "writing it row by row", error)
+        for table, rows in upserts.items():
+            for row in rows:
+                try:
+                    await self._write({table: [row]}, {})
+                except UNSTORABLE as row_error:
+                    log.error("scheduler store: left out %s row %r, which cannot be "
+                              "stored: %s", table, row[_TABLES[table][0]], row_error)
+        if deletes:
+            await self._write({}, deletes)
 
     def _drain_waiters(self) -> list[asyncio.Future[None]]:
         waiters, self._waiters = self._waiters, []
