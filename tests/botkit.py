@@ -7,6 +7,7 @@ import inspect
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.longrunning import operations_pb2
@@ -176,7 +177,7 @@ def any_result(result: re_pb2.ActionResult) -> AnyProto:
 # -- helpers for the Execution / Operations / restart tests -----------------------------
 
 async def wait_for(predicate: Callable[[], object], timeout: float = 5.0,
-                   what: str = "the condition") -> object:
+                   what: str = "the condition") -> Any:
     """Poll `predicate` (sync or async) every 10 ms until it is truthy; its value.
 
     Fails the test when `timeout` seconds pass first.

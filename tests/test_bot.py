@@ -16,11 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import botkit
 import grpc
 import pytest
 from botkit import Client
@@ -45,15 +45,8 @@ SERVER_CONFIG: dict[str, Any] = {"instances": {"": {"scheduler": {
 # -- helpers ---------------------------------------------------------------------------
 
 async def wait_for(predicate: Callable[[], object], what: str, timeout: float = WAIT) -> Any:
-    """Poll `predicate` every 20 ms until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """botkit.wait_for with this module's longer default bound."""
+    return await botkit.wait_for(predicate, timeout, what)
 
 
 def pid_alive(pid: int) -> bool:

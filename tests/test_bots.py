@@ -23,6 +23,7 @@ from botkit import (
     Client,
     StubBot,
     digest_of,
+    wait_for,
     worker,
 )
 from conftest import RunningServer, StartServer
@@ -54,16 +55,6 @@ def scheduler_config(instance: str = "", **settings: Any) -> dict[str, Any]:
     return {"instances": {instance: {"scheduler": values}}}
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll `predicate` every 10 ms until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 def scheduler_of(grid: RunningServer, instance: str = "") -> Scheduler:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
-from botkit import ACTIVE, CANCELLED, COMPLETED, PENDING, Client, digest_of
+from botkit import ACTIVE, CANCELLED, COMPLETED, PENDING, Client, digest_of, wait_for
 from conftest import StartServer
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf.any_pb2 import Any as AnyProto
@@ -58,14 +58,6 @@ def config(**scheduler: Any) -> dict[str, Any]:
     values.update({key.replace("_", "-"): value for key, value in scheduler.items()})
     return {"instances": {"": {"scheduler": values}}}
 
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll `predicate` every 10 ms until it is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
-        await asyncio.sleep(0.01)
-    return value
 
 
 def stamp(seconds: float) -> Timestamp:
