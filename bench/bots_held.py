@@ -40,7 +40,7 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (  # noqa: E
 )
 
 COMPLETED = bots_pb2.LeaseState.Value("COMPLETED")
-SESSIONS_PER_CHANNEL = 50
+SESSIONS_PER_CHANNEL = 500
 POLL_DEADLINE = 30.0
 
 

@@ -1010,3 +1010,37 @@ async def test_thousand_actions_none_lost_none_run_twice(start_server: StartServ
     assert set(completions.values()) == {1}  # none run twice to completion
     assert scheduler_of(grid).stats["completed"] == count
     assert elapsed < 60
+
+
+async def test_thousands_of_bots_long_poll_at_once(start_server: StartServer) -> None:
+    """More bots than gRPC's default pending-call limits (about 2,300 open calls) all
+    register and park in UpdateBotSession, and new work still reaches one of them."""
+    grid = await start_server()
+    count = 2600
+    parked = 0
+
+    async def one(bot: StubBot) -> None:
+        nonlocal parked
+        await bot.register()
+        parked += 1
+        while True:
+            await bot.update(timeout=30)
+            if bot.leases(ACTIVE):
+                return
+
+    bots = [StubBot(grid.channel, bot_id=f"crowd-{index}") for index in range(count)]
+    tasks = [asyncio.create_task(one(bot)) for bot in bots]
+    try:
+        await wait_for(lambda: parked == count, 60, f"{count} bots to register")
+        scheduler = grid.server.instances.get("").scheduler
+        await wait_for(lambda: len(scheduler._waiting) == count, 60,
+                       f"{count} bots to be long-polling")
+        client = Client(grid.channel)
+        call = client.execute(await client.action("echo", "crowd"))
+        done, _ = await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1, "the action reached no waiting bot"
+        call.cancel()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

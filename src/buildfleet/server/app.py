@@ -25,6 +25,7 @@ from buildfleet.server.operations.service import OperationsService
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+MAX_OPEN_CALLS = 100_000  # calls (long-polls, Execute streams) one server may hold
 
 
 class Service(Protocol):
@@ -71,6 +72,11 @@ class BuildfleetServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            # gRPC's defaults (1,000 soft, 3,000 hard) stop a grpc.aio server from
+            # starting new calls once about 2,300 are open: too few for thousands
+            # of long-polling bots.
+            ("grpc.server.max_pending_requests", MAX_OPEN_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_OPEN_CALLS),
         ])
         for service in self.services:
             service.register(server)
