@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 _LISTENING = re.compile(r"listening on (?P<address>\S+:\d+)\s*$", re.MULTILINE)
 
@@ -50,12 +51,70 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-class ServeProcess:
+class ChildProcess:
+    """A process a test started: signals, bounded waits, and SIGKILL on exit."""
+
+    NAME = "child process"
+    STOP_TIMEOUT = 30.0
+    error: type[AssertionError] = AssertionError
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    def details(self) -> str:
+        """What the process wrote, for failure messages."""
+        return ""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        if self.running():
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait (bounded) for the process to exit; its exit code."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self.error(f"{self.NAME} (pid {self.pid}) still running after "
+                             f"{timeout:g} s:\n{self.details()}") from None
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float | None = None) -> int:
+        """Send `signum` and wait for the exit code."""
+        self.send_signal(signum)
+        return self.wait(self.STOP_TIMEOUT if timeout is None else timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process if it is still running, and reap it."""
+        if self.running():
+            self.process.kill()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+            pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.kill()
+
+
+class ServeProcess(ChildProcess):
     """A `buildfleet serve` process and where it listens."""
+
+    NAME = "buildfleet serve"
+    error = ServeError
 
     def __init__(self, process: subprocess.Popen[bytes], stderr_path: Path,
                  listen: Sequence[str]) -> None:
-        self.process = process
+        super().__init__(process)
         self.stderr_path = stderr_path
         self.listen = list(listen)
         self.addresses: list[str] = []
@@ -125,10 +184,6 @@ class ServeProcess:
             raise ServeError("the server is not ready (no 'listening on' line seen)")
         return self.addresses[0]
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def output(self) -> str:
         """Everything the process wrote to stderr and stdout so far."""
         try:
@@ -136,43 +191,7 @@ class ServeProcess:
         except FileNotFoundError:
             return ""
 
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    # -- stopping ---------------------------------------------------------------
-
-    def send_signal(self, signum: int) -> None:
-        if self.running():
-            self.process.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """Wait (bounded) for the process to exit; its exit code."""
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise ServeError(f"buildfleet serve (pid {self.pid}) still running after "
-                             f"{timeout:.0f} s:\n{self.output()}") from None
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send `signum` and wait for the exit code."""
-        self.send_signal(signum)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the process if it is still running, and reap it."""
-        if self.running():
-            self.process.kill()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            pass
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.kill()
+    details = output
 
 
 def _fresh_path(directory: Path, stem: str, suffix: str) -> Path:

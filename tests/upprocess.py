@@ -17,7 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+
+from procutil import ChildProcess
 
 _ENDPOINT = re.compile(r"^buildfleet is up: grpc://(?P<address>\S+)$", re.MULTILINE)
 _BAZEL_LINE = re.compile(r"^  bazel build //\.\.\. (?P<flags>.+)$", re.MULTILINE)
@@ -73,12 +74,16 @@ def wait_until(predicate: object, timeout: float, what: str, interval: float = 0
         time.sleep(interval)
 
 
-class UpProcess:
+class UpProcess(ChildProcess):
     """A `buildfleet up` process, its output and its bots."""
+
+    NAME = "buildfleet up"
+    STOP_TIMEOUT = 60.0
+    error = UpError
 
     def __init__(self, process: subprocess.Popen[bytes], stdout_path: Path,
                  stderr_path: Path, data_dir: Path) -> None:
-        self.process = process
+        super().__init__(process)
         self.stdout_path = stdout_path
         self.stderr_path = stderr_path
         self.data_dir = data_dir
@@ -167,51 +172,20 @@ class UpProcess:
 
     # -- its processes ------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def running(self) -> bool:
-        return self.process.poll() is None
+    def details(self) -> str:
+        return self.report()
 
     def bot_pids(self) -> set[int]:
         """The running `buildfleet bot` children of the process."""
         return {pid for pid in child_pids(self.pid)
                 if alive(pid) and "bot" in cmdline(pid)[3:5]}
 
-    def send_signal(self, signum: int) -> None:
-        if self.running():
-            self.process.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise UpError(f"buildfleet up (pid {self.pid}) still running after "
-                          f"{timeout:g} s:\n{self.report()}") from None
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        self.send_signal(signum)
-        return self.wait(timeout)
-
     def kill(self) -> None:
         """SIGKILL the process and its bots if they are still running."""
         bots = self.bot_pids() if self.running() else set()
-        if self.running():
-            self.process.kill()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            pass
+        super().kill()
         for pid in bots:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-    def __enter__(self) -> UpProcess:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.kill()

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 import yaml
+from botkit import wait_for
 from fuzz.fuzz_engine import BUG_IN_LOG
 from procutil import ServeProcess
 
@@ -39,17 +39,8 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll `predicate` (sync or async) every 20 ms until it returns something true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    """botkit.wait_for with this suite's argument order and longer default bound."""
+    return await wait_for(predicate, timeout, what)
 
 
 def free_port() -> int:

@@ -367,13 +367,9 @@ class CasClient:
 
     async def read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
         """Fetch blobs into memory, concurrently; MissingBlobs names every absent one."""
-        unique = list(dict.fromkeys(digests))
         found: dict[Digest, bytes] = {}
         missing: list[Digest] = []
-        fits = await self._fits_batch()
-        limit = await self.batch_limit()
-        small = [d for d in unique if d.size_bytes <= fits]
-        large = [d for d in unique if d.size_bytes > fits]
+        batches, large = await self._plan_reads(digests)
 
         async def batch(chunk: list[Digest]) -> None:
             got, absent = await self._batch_read(chunk)
@@ -392,9 +388,7 @@ class CasClient:
             _verify(digest, data)
             found[digest] = data
 
-        work: list[Awaitable[None]] = [
-            self._bounded(batch(b)) for b in self._batches(((d, d.size_bytes) for d in small),
-                                                           limit)]
+        work: list[Awaitable[None]] = [self._bounded(batch(b)) for b in batches]
         work += [self._bounded(stream(d)) for d in large]
         await asyncio.gather(*work)
         if missing:
@@ -408,12 +402,8 @@ class CasClient:
         Large blobs are streamed to disk; MissingBlobs names every absent blob
         (the others are written all the same).
         """
-        unique = list(dict.fromkeys(digests))
         missing: list[Digest] = []
-        fits = await self._fits_batch()
-        limit = await self.batch_limit()
-        small = [d for d in unique if d.size_bytes <= fits]
-        large = [d for d in unique if d.size_bytes > fits]
+        batches, large = await self._plan_reads(digests)
 
         async def batch(chunk: list[Digest]) -> None:
             got, absent = await self._batch_read(chunk)
@@ -426,13 +416,22 @@ class CasClient:
             except MissingBlobs:
                 missing.append(digest)
 
-        work: list[Awaitable[None]] = [
-            self._bounded(batch(b)) for b in self._batches(((d, d.size_bytes) for d in small),
-                                                           limit)]
+        work: list[Awaitable[None]] = [self._bounded(batch(b)) for b in batches]
         work += [self._bounded(stream(d)) for d in large]
         await asyncio.gather(*work)
         if missing:
             raise MissingBlobs(missing)
+
+    async def _plan_reads(self, digests: Iterable[Digest]
+                          ) -> tuple[list[list[Digest]], list[Digest]]:
+        """Each distinct digest once: batches for BatchReadBlobs, and the blobs too
+        large for a batch, which are streamed."""
+        unique = list(dict.fromkeys(digests))
+        fits = await self._fits_batch()
+        small = [d for d in unique if d.size_bytes <= fits]
+        large = [d for d in unique if d.size_bytes > fits]
+        batches = self._batches(((d, d.size_bytes) for d in small), await self.batch_limit())
+        return batches, large
 
     async def _batch_read(self, chunk: list[Digest]) -> tuple[dict[Digest, bytes], list[Digest]]:
         try:
