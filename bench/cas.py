@@ -4,6 +4,12 @@
     python bench/cas.py                      # spawn a server with the disk store
     python bench/cas.py --target HOST:PORT   # an existing server
     python bench/cas.py --sizes 1KiB,1MiB --small-blobs 1000 --repeat 1   # smoke
+
+With a spawned server it also reports the server's CPU time (user + system,
+from /proc) per operation, the steadier figure on a shared machine:
+``server_cpu_ms_write_64MiB`` per ByteStream write of one 64 MiB blob,
+``server_cpu_ms_batch_update_10000_blobs`` per 10,000-blob upload, and so on
+(medians, like the other figures).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
-from common import report, spawned_server  # noqa: E402
+from common import cpu_seconds, report, spawned_server  # noqa: E402
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
     remote_execution_pb2 as re_pb2,
@@ -84,7 +90,30 @@ def proto(digest: Digest) -> re_pb2.Digest:
     return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
 
 
-async def run(address: str, args: argparse.Namespace) -> dict[str, object]:
+class ServerCpu:
+    """CPU seconds the server spent inside each `with` block, when its pid is known."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.samples: list[float] = []
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        if self.pid is not None:
+            self._started = cpu_seconds(self.pid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pid is not None:
+            self.samples.append(cpu_seconds(self.pid) - self._started)
+
+    def report(self, figures: dict[str, object], name: str) -> None:
+        """The median per operation, in milliseconds (/proc counts 10 ms ticks)."""
+        if self.samples:
+            figures[f"server_cpu_ms_{name}"] = round(statistics.median(self.samples) * 1000, 1)
+
+
+async def run(address: str, args: argparse.Namespace,
+              server_pid: int | None = None) -> dict[str, object]:
     figures: dict[str, object] = {}
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
         stream = bytestream_pb2_grpc.ByteStreamStub(channel)
@@ -94,33 +123,43 @@ async def run(address: str, args: argparse.Namespace) -> dict[str, object]:
             count = max(1, min(args.repeat * 20, (256 << 20) // max(size, 1))) \
                 if size < (1 << 20) else args.repeat
             writes, reads = [], []
+            write_cpu, read_cpu = ServerCpu(server_pid), ServerCpu(server_pid)
             for _ in range(count):
                 data = os.urandom(size)
                 digest = Digest.of(data)
                 started = time.perf_counter()
-                await bytestream_write(stream, args.instance, data, digest)
+                with write_cpu:
+                    await bytestream_write(stream, args.instance, data, digest)
                 writes.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                await bytestream_read(stream, args.instance, digest)
+                with read_cpu:
+                    await bytestream_read(stream, args.instance, digest)
                 reads.append(time.perf_counter() - started)
             figures[f"write_{text}_MBps"] = round(size / statistics.median(writes) / 1e6, 1)
             figures[f"read_{text}_MBps"] = round(size / statistics.median(reads) / 1e6, 1)
+            write_cpu.report(figures, f"write_{text}")
+            read_cpu.report(figures, f"read_{text}")
         blobs = [os.urandom(args.small_size) for _ in range(args.small_blobs)]
         digests = [Digest.of(b) for b in blobs]
         timings = []
+        batch_cpu = ServerCpu(server_pid)
         for _ in range(args.repeat):
             blobs = [os.urandom(args.small_size) for _ in range(args.small_blobs)]
             digests = [Digest.of(b) for b in blobs]
             started = time.perf_counter()
-            for start in range(0, len(blobs), args.batch):
-                response = await cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
-                    instance_name=args.instance,
-                    requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=proto(d), data=b)
-                              for d, b in zip(digests[start:start + args.batch],
-                                              blobs[start:start + args.batch], strict=True)]))
-                assert all(r.status.code == 0 for r in response.responses)
+            with batch_cpu:
+                for start in range(0, len(blobs), args.batch):
+                    response = await cas.BatchUpdateBlobs(re_pb2.BatchUpdateBlobsRequest(
+                        instance_name=args.instance,
+                        requests=[re_pb2.BatchUpdateBlobsRequest.Request(digest=proto(d),
+                                                                         data=b)
+                                  for d, b in zip(digests[start:start + args.batch],
+                                                  blobs[start:start + args.batch],
+                                                  strict=True)]))
+                    assert all(r.status.code == 0 for r in response.responses)
             timings.append(time.perf_counter() - started)
         figures[f"batch_update_{args.small_blobs}_blobs_s"] = round(statistics.median(timings), 3)
+        batch_cpu.report(figures, f"batch_update_{args.small_blobs}_blobs")
         started = time.perf_counter()
         for start in range(0, len(digests), 1000):
             response = await cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(
@@ -145,8 +184,8 @@ def main() -> int:
     if args.target:
         figures = asyncio.run(run(args.target, args))
     else:
-        with spawned_server() as (address, _process):
-            figures = asyncio.run(run(address, args))
+        with spawned_server() as (address, process):
+            figures = asyncio.run(run(address, args, process.pid))
     report("cas", figures)
     return 0
 

@@ -5,10 +5,15 @@ B synthetic bots complete every lease at once with an ActionResult that names
 the action it ran (its stdout_digest is the action's digest); C concurrent
 clients submit N distinct no-op actions (uploaded beforehand) with Execute and
 follow each to its result.  Every client checks that it got its own action's
-result.  Prints actions/s, latency percentiles from Execute to result, errors.
+result.  Prints actions/s, latency percentiles from Execute to result, errors,
+and the CPU time each process (server, clients, bots) spent per action while the
+actions ran (`*_cpu_ms_per_action_run`; `server_cpu_ms_per_action` also counts
+the upload): on a machine shared with other work these are steadier than
+wall-clock figures.
 
     python bench/scheduler.py --bots 32 --clients 64 --actions 5000
     python bench/scheduler.py --target 127.0.0.1:50051 ...   # an existing server
+    python bench/scheduler.py --target 127.0.0.1:50051 --server-pid 1234 ...
 """
 
 from __future__ import annotations
@@ -77,6 +82,18 @@ async def upload_actions(channel: grpc.aio.Channel, instance: str, count: int,
     return digests
 
 
+def leased_action_digest(lease: bots_pb2.Lease) -> re_pb2.Digest:
+    """The digest of the action a lease names: given as a Digest (PENDING offers), or
+    computed from the Action sent inline (its canonical serialization)."""
+    if lease.payload.type_url.endswith("/" + re_pb2.Digest.DESCRIPTOR.full_name):
+        digest = re_pb2.Digest()
+        lease.payload.Unpack(digest)
+        return digest
+    action = re_pb2.Action()
+    lease.payload.Unpack(action)
+    return proto_digest(action.SerializeToString(deterministic=True))
+
+
 async def bot_loop(channel: grpc.aio.Channel, instance: str, index: int,
                    stop: asyncio.Event, counters: dict[str, int]) -> None:
     """A bot that completes every lease at once."""
@@ -102,30 +119,27 @@ async def bot_loop(channel: grpc.aio.Channel, instance: str, index: int,
         for lease in session.leases:
             if lease.state not in (ACTIVE, PENDING):
                 continue
-            action = re_pb2.Action()
-            lease.payload.Unpack(action)
             result = re_pb2.ActionResult(exit_code=0)
-            result.stdout_digest.CopyFrom(proto_digest(action.SerializeToString()))
+            result.stdout_digest.CopyFrom(leased_action_digest(lease))
             lease.state = COMPLETED
             lease.status.code = 0
             lease.result.Pack(result)
             counters["leases"] += 1
 
 
-async def client_loop(channel: grpc.aio.Channel, instance: str,
-                      work: asyncio.Queue[re_pb2.Digest], latencies: list[float],
-                      counters: dict[str, int]) -> None:
-    stub = re_grpc.ExecutionStub(channel)
+async def client_loop(stub: re_grpc.ExecutionStub,
+                      work: asyncio.Queue[tuple[re_pb2.Digest, re_pb2.ExecuteRequest]],
+                      latencies: list[float], counters: dict[str, int]) -> None:
+    """Execute actions from `work` one at a time, each checked against its own digest."""
     while True:
         try:
-            digest = work.get_nowait()
+            digest, request = work.get_nowait()
         except asyncio.QueueEmpty:
             return
         started = time.perf_counter()
         try:
             last = None
-            async for operation in stub.Execute(re_pb2.ExecuteRequest(
-                    instance_name=instance, action_digest=digest, skip_cache_lookup=True)):
+            async for operation in stub.Execute(request):
                 last = operation
             response = re_pb2.ExecuteResponse()
             if last is None or not last.done or not last.response.Unpack(response):
@@ -160,27 +174,45 @@ def bots_process(address: str, instance: str, count: int, stop_after: float,
     asyncio.run(run_bots(address, instance, count, stop_after, ready))
 
 
-async def run_clients(address: str, instance: str, args: argparse.Namespace) -> dict[str, object]:
+async def run_clients(address: str, instance: str, args: argparse.Namespace,
+                      cpu_pids: dict[str, int]) -> dict[str, object]:
+    """Upload, then run the clients; CPU of the processes in `cpu_pids` over the run."""
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        upload_started = time.perf_counter()
         digests = await upload_actions(channel, instance, args.actions, uuid.uuid4().hex)
-        work: asyncio.Queue[re_pb2.Digest] = asyncio.Queue()
+        upload_seconds = time.perf_counter() - upload_started
+        # Requests are built before the clock starts: the load generator shares the
+        # machine with the server, and what it spends is taken from the server.
+        work: asyncio.Queue[tuple[re_pb2.Digest, re_pb2.ExecuteRequest]] = asyncio.Queue()
         for digest in digests:
-            work.put_nowait(digest)
+            work.put_nowait((digest, re_pb2.ExecuteRequest(
+                instance_name=instance, action_digest=digest, skip_cache_lookup=True)))
+        stub = re_grpc.ExecutionStub(channel)
         latencies: list[float] = []
         counters = {"errors": 0, "wrong_results": 0}
+        print(f"uploaded {args.actions} actions in {upload_seconds:.1f} s; executing them",
+              file=sys.stderr, flush=True)
+        cpu_before = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(channel, instance, work, latencies, counters)
+        await asyncio.gather(*(client_loop(stub, work, latencies, counters)
                                for _ in range(args.clients)))
         elapsed = time.perf_counter() - started
-    return {
+        cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in cpu_pids.items()}
+    figures: dict[str, object] = {
         "actions": args.actions, "bots": args.bots, "clients": args.clients,
         "completed": len(latencies), "seconds": round(elapsed, 3),
+        "upload_seconds": round(upload_seconds, 3),
         "actions_per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
         "p90_ms": round(percentile(latencies, 0.9) * 1000, 2),
         "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
         **counters,
     }
+    # CPU per completed action while actions run (upload excluded), per process.
+    per_action = 1000 / max(1, len(latencies))
+    for name, seconds in cpu.items():
+        figures[f"{name}_cpu_ms_per_action_run"] = round(seconds * per_action, 3)
+    return figures
 
 
 def main() -> int:
@@ -190,6 +222,8 @@ def main() -> int:
     parser.add_argument("--actions", type=int, default=1000)
     parser.add_argument("--instance", default="")
     parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
+    parser.add_argument("--server-pid", type=int,
+                        help="with --target: the server's process id, to report its CPU time")
     parser.add_argument("--bot-processes", type=int, default=1,
                         help="processes the synthetic bots are spread over")
     parser.add_argument("--max-seconds", type=float, default=600.0)
@@ -207,8 +241,13 @@ def main() -> int:
         for event in ready:
             event.wait(60)
         cpu_before = cpu_seconds(server_pid) if server_pid is not None else 0.0
+        cpu_pids = {"clients": os.getpid()}
+        cpu_pids.update((f"bots{i}" if len(workers) > 1 else "bots", w.pid)
+                        for i, w in enumerate(workers) if w.pid is not None)
+        if server_pid is not None:
+            cpu_pids["server"] = server_pid
         try:
-            figures = asyncio.run(run_clients(address, args.instance, args))
+            figures = asyncio.run(run_clients(address, args.instance, args, cpu_pids))
         finally:
             for worker in workers:
                 worker.terminate()
@@ -221,7 +260,7 @@ def main() -> int:
         return figures
 
     if args.target:
-        figures = run(args.target, None)
+        figures = run(args.target, args.server_pid)
     else:
         with spawned_server() as (address, process):
             figures = run(address, process.pid)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from pgkit import StoreBackend, postgres_schema, store_backend
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (
     remote_execution_pb2 as re_pb2,
@@ -65,15 +68,41 @@ def proto_digest(data: bytes) -> re_pb2.Digest:
 StartServer = Callable[..., Any]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules that set ``BOTH_SCHEDULERS = True`` run their server tests twice: on the
+    in-memory scheduler (SQLite) and on the replicated one (PostgreSQL)."""
+    if ("start_server" in metafunc.fixturenames
+            and getattr(metafunc.module, "BOTH_SCHEDULERS", False)):
+        metafunc.parametrize("scheduler_kind", ["memory", "replicated"], indirect=True)
+
+
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
+def scheduler_kind(request: pytest.FixtureRequest) -> str:
+    """Which scheduler `start_server` gives a server whose config names no `database`.
+
+    "memory" unless the module opts into both (above) or env
+    BUILDFLEET_TEST_SCHEDULER says "replicated".  A test marked
+    ``memory_scheduler_only`` (it inspects the in-memory scheduler's objects) is
+    skipped on the replicated one.
+    """
+    kind = getattr(request, "param", os.environ.get("BUILDFLEET_TEST_SCHEDULER", "memory"))
+    if kind == "replicated" and request.node.get_closest_marker("memory_scheduler_only"):
+        pytest.skip("inspects the in-memory scheduler's own objects")
+    return str(kind)
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path, scheduler_kind: str) -> AsyncIterator[StartServer]:
     """Factory: `await start_server(config_dict=None, data_dir=None)` -> RunningServer.
 
     Every server started is stopped at the end of the test.  `config_dict` is the
     YAML document as a dict; `listen` and `data-dir` default to a free loopback
-    port and the test's temporary directory.
+    port and the test's temporary directory.  With `scheduler_kind` "replicated",
+    a server whose config names no `database` runs the replicated scheduler on a
+    fresh PostgreSQL schema of its own.
     """
     running: list[RunningServer] = []
+    schemas = AsyncExitStack()
 
     async def start(config_dict: dict[str, Any] | None = None,
                     data_dir: Path | None = None) -> RunningServer:
@@ -81,6 +110,8 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
         document.setdefault("listen", ["127.0.0.1:0"])
         document.setdefault("data-dir", str(data_dir or tmp_path / "data"))
         document.setdefault("grace-period", 1)
+        if scheduler_kind == "replicated" and "database" not in document:
+            document["database"] = await schemas.enter_async_context(postgres_schema())
         config: ServerConfig = parse_config(document)
         server = BuildfleetServer(config)
         ports = await server.start()
@@ -97,9 +128,30 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
     for handle in running:
         await handle.channel.close()
         await handle.server.stop(0)
+    await schemas.aclose()
 
 
 @pytest.fixture
 async def grid(start_server: StartServer) -> RunningServer:
     """A server with the embedded defaults (one instance "", disk storage)."""
     return await start_server()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A PostgreSQL URL to a fresh schema of this test's own, dropped afterwards.
+
+    Skips the test when PostgreSQL is unreachable (fails with
+    BUILDFLEET_REQUIRE_POSTGRES=1).  With start_server, request pg_url first so
+    that the schema outlives the servers.
+    """
+    async with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path
+                  ) -> AsyncIterator[StoreBackend]:
+    """Each scheduler store backend in turn (tests/pgkit.py StoreBackend)."""
+    async with store_backend(request.param, tmp_path) as chosen:
+        yield chosen

@@ -35,6 +35,7 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 from buildfleet.digest import Digest
 from buildfleet.scheduler.model import BotStatus, Job
+from buildfleet.scheduler.replicated import ReplicatedScheduler
 from buildfleet.scheduler.scheduler import Scheduler
 from buildfleet.scheduler.settings import SchedulerSettings
 from buildfleet.scheduler.store import MemorySchedulerStore
@@ -46,6 +47,11 @@ OK, UNHEALTHY, HOST_REBOOTING, BOT_TERMINATING, INITIALIZING = (
 
 # Fast defaults for tests; a test overrides what it is about.
 FAST = {"keepalive": 5, "long-poll": 2, "housekeeping-interval": 0.1}
+
+
+# Every test here runs on both schedulers (tests/conftest.py), except those that
+# inspect the in-memory scheduler's objects.
+BOTH_SCHEDULERS = True
 
 
 def scheduler_config(instance: str = "", **settings: Any) -> dict[str, Any]:
@@ -193,6 +199,7 @@ async def test_create_unknown_instance(grid: RunningServer) -> None:
     assert scheduler_of(grid).connected_bots() == 0
 
 
+@pytest.mark.memory_scheduler_only
 async def test_session_name_routes_back_and_unset_status_is_ok(
         start_server: StartServer) -> None:
     grid = await start_server({"instances": {"": {"scheduler": FAST},
@@ -223,6 +230,7 @@ async def test_session_name_routes_back_and_unset_status_is_ok(
             f"hello from {instance!r}"]
 
 
+@pytest.mark.memory_scheduler_only
 async def test_duplicate_bot_id_closes_older_session(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(max_attempts=5))
     client = Client(grid.channel)
@@ -304,6 +312,7 @@ async def test_update_closed_session(grid: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("capacity", ["many", "", "-1", "0", "2.5"])
+@pytest.mark.memory_scheduler_only
 async def test_non_numeric_capacity(grid: RunningServer, capacity: str) -> None:
     bad = worker("bot", [("OSFamily", "linux")], capacity=None)
     bad.configs.add(key="capacity", value=capacity)
@@ -319,6 +328,7 @@ async def test_non_numeric_capacity(grid: RunningServer, capacity: str) -> None:
     assert scheduler_of(grid).sessions[body.name].capacity == 2  # nothing applied
 
 
+@pytest.mark.memory_scheduler_only
 async def test_illegal_lease_transitions_apply_nothing(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel, capacity=2)
@@ -346,6 +356,7 @@ async def test_illegal_lease_transitions_apply_nothing(grid: RunningServer) -> N
         assert (await client.result(call)).status.code == 0
 
 
+@pytest.mark.memory_scheduler_only
 async def test_foreign_and_unknown_leases_are_dropped(grid: RunningServer) -> None:
     """A bot can never complete a lease it does not hold."""
     client = Client(grid.channel)
@@ -375,6 +386,7 @@ async def test_foreign_and_unknown_leases_are_dropped(grid: RunningServer) -> No
     assert stored is not None and stored.execution_metadata.worker == "holder-result"
 
 
+@pytest.mark.memory_scheduler_only
 async def test_completed_lease_resent_is_acknowledged_not_reapplied(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel)
@@ -415,6 +427,7 @@ async def test_version_missing_or_junk_is_harmless(grid: RunningServer, version:
 
 
 # ---------------------------------------------------------------- capacity
+@pytest.mark.memory_scheduler_only
 async def test_capacity_three_gets_three_leases_at_once(grid: RunningServer) -> None:
     client = Client(grid.channel)
     calls = [(await submit(client, "cap", str(i)))[1] for i in range(3)]
@@ -435,6 +448,7 @@ async def test_capacity_three_gets_three_leases_at_once(grid: RunningServer) -> 
     assert len(actions) == 3
 
 
+@pytest.mark.memory_scheduler_only
 async def test_capacity_defaults_to_one(grid: RunningServer) -> None:
     client = Client(grid.channel)
     calls = [(await submit(client, "one", str(i)))[1] for i in range(2)]
@@ -453,6 +467,7 @@ async def test_capacity_defaults_to_one(grid: RunningServer) -> None:
 
 # ---------------------------------------------------------------- statuses
 @pytest.mark.parametrize("status", [UNHEALTHY, HOST_REBOOTING, INITIALIZING])
+@pytest.mark.memory_scheduler_only
 async def test_unwell_bot_keeps_leases_but_gets_no_new_work(grid: RunningServer,
                                                             status: int) -> None:
     client = Client(grid.channel)
@@ -484,6 +499,7 @@ async def test_unwell_bot_keeps_leases_but_gets_no_new_work(grid: RunningServer,
     assert (await client.result(call_b)).status.code == 0
 
 
+@pytest.mark.memory_scheduler_only
 async def test_terminating_bot_finishes_its_leases_then_closes(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel, capacity=2)
@@ -509,7 +525,12 @@ async def test_terminating_bot_finishes_its_leases_then_closes(grid: RunningServ
 async def waiting(grid: RunningServer, bot: StubBot) -> None:
     """Until the bot's UpdateBotSession is being held by the server."""
     assert bot.session is not None
-    session = scheduler_of(grid).sessions[bot.session.name]
+    scheduler: Any = scheduler_of(grid)
+    if isinstance(scheduler, ReplicatedScheduler):
+        name = bot.session.name
+        await wait_for(lambda: scheduler.is_waiting(name), what="the bot's long-poll")
+        return
+    session = scheduler.sessions[bot.session.name]
     await wait_for(lambda: session.open_calls > 0, what="the bot's long-poll")
 
 
@@ -583,6 +604,7 @@ async def test_cancel_between_calls_is_reported_cancelled(grid: RunningServer) -
     assert (await cached(grid, digest)) is None
 
 
+@pytest.mark.memory_scheduler_only
 async def test_resent_failure_report_does_not_touch_the_retry(start_server: StartServer
                                                               ) -> None:
     """A bot re-sending an infrastructure failure cannot fail the retry it was handed."""
@@ -633,6 +655,7 @@ async def test_long_poll_uses_most_of_the_deadline(start_server: StartServer) ->
 
 
 # ---------------------------------------------------------------- keepalive
+@pytest.mark.memory_scheduler_only
 async def test_silent_bot_expires_and_its_lease_moves_on(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(keepalive=1, housekeeping_interval=0.1,
                                                long_poll=10))
@@ -662,6 +685,7 @@ async def test_silent_bot_expires_and_its_lease_moves_on(start_server: StartServ
 
 # ---------------------------------------------------------------- attempts
 @pytest.mark.parametrize("code", [code_pb2.INTERNAL, code_pb2.UNAVAILABLE])
+@pytest.mark.memory_scheduler_only
 async def test_infrastructure_failures_are_retried_then_fail(start_server: StartServer,
                                                             code: int) -> None:
     grid = await start_server(scheduler_config(max_attempts=3))
@@ -708,6 +732,7 @@ async def test_failing_bot_is_not_handed_the_action_again(grid: RunningServer) -
     assert (await client.result(call_b)).status.code == 0
 
 
+@pytest.mark.memory_scheduler_only
 async def test_other_lease_status_is_the_final_status(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel)
@@ -724,6 +749,7 @@ async def test_other_lease_status_is_the_final_status(grid: RunningServer) -> No
 
 
 # ---------------------------------------------------------------- shutdown
+@pytest.mark.memory_scheduler_only
 async def test_bot_stopped_mid_action_is_retried_elsewhere(grid: RunningServer) -> None:
     client = Client(grid.channel)
     stopping = StubBot(grid.channel, bot_id="stopping")
@@ -796,6 +822,7 @@ async def test_pending_offer_with_digest(start_server: StartServer) -> None:
 
 
 # ---------------------------------------------------------------- PostBotEventTemp
+@pytest.mark.memory_scheduler_only
 async def test_post_bot_event(grid: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
     stub = bots_pb2_grpc.BotsStub(grid.channel)
     await assert_status(stub.PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
@@ -882,6 +909,7 @@ async def check_metrics(service: Any, instance: str, channel: grpc.aio.Channel,
     assert service.get_bot_status_metrics(instance)["bots_total"][BotStatus.OK] == 1
 
 
+@pytest.mark.memory_scheduler_only
 async def test_bots_service_queries(start_server: StartServer) -> None:
     grid = await start_server({"instances": {
         "": {"scheduler": FAST},
@@ -924,6 +952,7 @@ async def uninstanced() -> AsyncIterator[tuple[UninstancedBotsService, Scheduler
         await scheduler.store.close()
 
 
+@pytest.mark.memory_scheduler_only
 async def test_uninstanced_bots_service(
         uninstanced: tuple[UninstancedBotsService, Scheduler, grpc.aio.Channel]) -> None:
     service, scheduler, channel = uninstanced
@@ -972,6 +1001,7 @@ async def run_bot(bot: StubBot, stop: asyncio.Event, completions: dict[str, int]
         await bot.update(timeout=1.0)
 
 
+@pytest.mark.memory_scheduler_only
 async def test_thousand_actions_none_lost_none_run_twice(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(long_poll=1))
     client = Client(grid.channel)
@@ -1012,6 +1042,7 @@ async def test_thousand_actions_none_lost_none_run_twice(start_server: StartServ
     assert elapsed < 60
 
 
+@pytest.mark.memory_scheduler_only
 async def test_thousands_of_bots_long_poll_at_once(start_server: StartServer) -> None:
     """More bots than gRPC's default pending-call limits (about 2,300 open calls) all
     register and park in UpdateBotSession, and new work still reaches one of them."""

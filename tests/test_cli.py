@@ -26,7 +26,10 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import (
 )
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
+from buildfleet.config import ConfigError, ServerConfig, parse_config, postgres_settings
 from buildfleet.digest import Digest
+from buildfleet.scheduler.pg_schema import MIGRATIONS
+from buildfleet.scheduler.postgres import PostgresSettings
 
 REAPI_SERVICES = {
     "build.bazel.remote.execution.v2.ContentAddressableStorage",
@@ -260,3 +263,66 @@ def test_blobs_on_disk_survive_a_restart(tmp_path: Path, open_channel: Connect,
             assert read_blob(channel, digest) == blob
         never_uploaded = proto_digest(b"never uploaded")
         assert missing(channel, [never_uploaded]) == [never_uploaded]
+
+
+# -- the scheduler database ----------------------------------------------------------
+
+def test_database_setting_takes_a_postgres_url_with_pool_settings() -> None:
+    config = parse_config({"database": "postgresql://bf@db.example:5432/grid",
+                           "postgres": {"pool-min": 2, "pool-max": 20, "statement-timeout": 3,
+                                        "connect-timeout": 2.5, "retry-after": 4}})
+    assert postgres_settings(config) == PostgresSettings(
+        "postgresql://bf@db.example:5432/grid", pool_min=2, pool_max=20,
+        statement_timeout=3, connect_timeout=2.5, retry_after=4)
+    # `serve --database` replaces the file's setting, checked the same way.
+    assert ServerConfig().with_overrides(database="postgres://db/x").database == (
+        "postgres://db/x")
+    with pytest.raises(ValueError, match="postgresql://"):
+        ServerConfig().with_overrides(database="mysql://db/x")
+
+
+@pytest.mark.parametrize(("document", "key"), [
+    ({"database": "mysql://db/grid"}, "database"),
+    ({"postgres": {"pool-min": 0}}, "pool-min"),
+    ({"postgres": {"pool-min": 5, "pool-max": 2}}, "pool-max"),
+    ({"postgres": {"statement-timeout": 0}}, "statement-timeout"),
+    ({"postgres": {"retry-after": -1}}, "retry-after"),
+], ids=["scheme", "pool-min", "pool-max-below-min", "statement-timeout", "retry-after"])
+def test_bad_database_settings_name_the_key(document: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_config(document)
+
+
+def test_serve_with_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as refusing:  # bound, never listening: connections are refused
+        refusing.bind(("127.0.0.1", 0))
+        url = f"postgresql://postgres:s3cret@127.0.0.1:{refusing.getsockname()[1]}/test"
+        config = write_config(tmp_path / "buildfleet.yaml",
+                              {"postgres": {"connect-timeout": 0.5}})
+        result = run_buildfleet("serve", "--config", str(config), "--database", url,
+                                "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"),
+                                cwd=tmp_path, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "cannot connect to the scheduler database" in output, output
+    assert "s3cret" not in output
+    assert_no_traceback(output)
+
+
+def test_db_upgrade_migrates_a_postgres_database(tmp_path: Path, pg_url: str) -> None:
+    config = write_config(tmp_path / "buildfleet.yaml", {"database": pg_url})
+    latest = len(MIGRATIONS)
+    result = run_buildfleet("db", "upgrade", "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"schema version 0 -> {latest}"
+    result = run_buildfleet("db", "upgrade", "--database", pg_url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"schema version {latest} -> {latest}"
+
+
+def test_db_upgrade_of_a_sqlite_database_says_it_migrates_itself(tmp_path: Path) -> None:
+    result = run_buildfleet("db", "upgrade", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "SQLite" in output and "migrates itself" in output, output
+    assert_no_traceback(output)

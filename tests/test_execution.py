@@ -41,6 +41,9 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, worker_pb2
 
+# Every test here runs on both schedulers (tests/conftest.py).
+BOTH_SCHEDULERS = True
+
 Stage = re_pb2.ExecutionStage
 LINUX = [("OSFamily", "linux")]
 
@@ -617,6 +620,7 @@ async def test_do_not_cache_actions_are_never_deduplicated(grid: RunningServer) 
 
 # ---------------------------------------------------------- cancel and timeout
 
+@pytest.mark.memory_scheduler_only
 async def test_cancel_of_a_running_job_reaches_the_bot(grid: RunningServer) -> None:
     client = Client(grid.channel)
     digest = await client.action("sleep", "1000")

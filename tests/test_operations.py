@@ -28,6 +28,9 @@ from google.rpc import code_pb2
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 
+# Every test here runs on both schedulers (tests/conftest.py).
+BOTH_SCHEDULERS = True
+
 Stage = re_pb2.ExecutionStage
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import sqlite3
 import time
-from pathlib import Path
 
 import pytest
+from pgkit import StoreBackend
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import Digest
@@ -20,7 +19,6 @@ from buildfleet.scheduler.store import (
     MemorySchedulerStore,
     Row,
     SchedulerStore,
-    SqliteSchedulerStore,
 )
 
 LINUX: Properties = frozenset({("OSFamily", "linux")})
@@ -171,8 +169,8 @@ def make_session(name: str, instance: str = "") -> BotSession:
                       last_seen=time.monotonic(), worker_proto=b"worker")
 
 
-async def test_sqlite_group_commit_coalesces_saves(tmp_path: Path) -> None:
-    store = SqliteSchedulerStore(tmp_path / "scheduler.sqlite3")
+async def test_group_commit_coalesces_saves(backend: StoreBackend) -> None:
+    store = backend.new_store()
     await store.start()
     try:
         jobs = [make_job(i) for i in range(500)]
@@ -204,9 +202,8 @@ async def test_sqlite_group_commit_coalesces_saves(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_sqlite_flushed_state_survives_in_a_new_store(tmp_path: Path) -> None:
-    path = tmp_path / "scheduler.sqlite3"
-    store = SqliteSchedulerStore(path)
+async def test_flushed_state_survives_in_a_new_store(backend: StoreBackend) -> None:
+    store = backend.new_store()
     await store.start()
     queued = make_job(3, LINUX_X86, name="queued")
     done = make_job(0, name="done")
@@ -226,8 +223,8 @@ async def test_sqlite_flushed_state_survives_in_a_new_store(tmp_path: Path) -> N
     store.delete_operation("operations/d")
     await store.flush()
 
-    # A second store on the same file (the process after a crash) sees exactly that.
-    reader = SqliteSchedulerStore(path)
+    # A second store on the same database (the process after a crash) sees exactly that.
+    reader = backend.new_store()
     await reader.start()
     try:
         state = await reader.load("")
@@ -246,11 +243,9 @@ async def test_sqlite_flushed_state_survives_in_a_new_store(tmp_path: Path) -> N
         await store.close()
 
 
-async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
-    path = tmp_path / "scheduler.sqlite3"
-    with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version=99")
-    store = SqliteSchedulerStore(path)
+async def test_store_refuses_a_newer_schema(backend: StoreBackend) -> None:
+    await backend.set_schema_version(99)
+    store = backend.new_store()
     with pytest.raises(RuntimeError, match="schema version 99"):
         await store.start()
     await store.close()
@@ -324,7 +319,7 @@ async def test_scheduler_restores_queued_jobs_and_operations() -> None:
 
         second = Scheduler("", store)
         await second.start()
-        restored = second.get_operation(operation.name)
+        restored = second.operation(operation.name)
         assert restored.job.action_digest == digest and restored.job.priority == 2
         assert restored.job.stage == Stage.QUEUED and len(second.queue) == 1
         # Deduplication survives too: the same action joins the restored job.

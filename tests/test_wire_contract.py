@@ -48,6 +48,9 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
     worker_pb2,
 )
 
+# Every test here runs on both schedulers (tests/conftest.py).
+BOTH_SCHEDULERS = True
+
 REQUEST_METADATA_KEY = "build.bazel.remote.execution.v2.requestmetadata-bin"
 BOT_TERMINATING = bots_pb2.BotStatus.Value("BOT_TERMINATING")
 LINUX = [("OSFamily", "linux"), ("ISA", "x86-64")]

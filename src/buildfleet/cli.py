@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from buildfleet import __version__
-from buildfleet.config import ConfigError, load_config
+from buildfleet.config import ConfigError, load_config, postgres_settings
+from buildfleet.errors import Unavailable
 from buildfleet.up import up
 from buildfleet.worker.command import bot
 
@@ -37,22 +38,63 @@ def main() -> None:
                    "Default ./buildfleet-data.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML configuration file (instances, storage backends, limits).")
+@click.option("--database", default=None, metavar="PATH_OR_URL",
+              help="Scheduler state: a SQLite file (relative to the data dir) or a "
+                   "postgresql:// URL shared by several replicas. "
+                   "Default scheduler.sqlite3.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | None,
-          log_level: str) -> None:
+          database: str | None, log_level: str) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
+    from buildfleet.scheduler.postgres import UnusableDatabase
     from buildfleet.server.app import serve as run_server
 
     _setup_logging(log_level)
     try:
-        config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir)
+        config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir,
+                                                         database=database)
     except (ConfigError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     try:
         asyncio.run(run_server(config))
-    except OSError as error:
+    except (OSError, Unavailable, UnusableDatabase) as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.group()
+def db() -> None:
+    """Manage the scheduler database."""
+
+
+@db.command()
+@click.option("--database", default=None, metavar="URL",
+              help="The postgresql:// URL (default: `database` from --config).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML configuration file whose `database` and `postgres` settings to use.")
+def upgrade(database: str | None, config_file: Path | None) -> None:
+    """Bring a PostgreSQL scheduler database to this buildfleet's schema.
+
+    `buildfleet serve` does the same when it starts; this is for operators who
+    prefer to migrate separately.
+    """
+    from buildfleet.scheduler.postgres import UnusableDatabase, is_postgres_url
+    from buildfleet.scheduler.postgres import upgrade as upgrade_schema
+
+    try:
+        config = load_config(config_file).with_overrides(database=database)
+    except (ConfigError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    if not is_postgres_url(config.database):
+        raise click.ClickException(
+            f"{config.database} is a SQLite database, which migrates itself when "
+            "`buildfleet serve` starts; `db upgrade` is for postgresql:// URLs "
+            "(--database or `database` in --config)")
+    try:
+        before, after = asyncio.run(upgrade_schema(postgres_settings(config)))
+    except (Unavailable, UnusableDatabase) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"schema version {before} -> {after}")
 
 
 main.add_command(bot)  # `buildfleet bot`, defined with the bot in buildfleet.worker

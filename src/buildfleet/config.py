@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import quote
 
 import yaml
@@ -34,6 +34,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from buildfleet.scheduler.postgres import PostgresSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./buildfleet-data"
@@ -67,6 +70,9 @@ class DiskStorage(_Model):
     path: str
     max_size: ByteSize | None = Field(default=None, gt=0)
     fsync: bool = False
+    # With max-size: rescan the directory this often (seconds) to count blobs that
+    # other processes sharing it stored or deleted (see storage/size_limited.py).
+    rescan_interval: float | None = Field(default=None, gt=0)
 
 
 class MemoryStorage(_Model):
@@ -84,13 +90,54 @@ class SizeLimitedStorage(_Model):
     backend: StorageRef
 
 
-STORAGE_TYPES = frozenset({"disk", "memory", "size-limited"})
+class RemoteStorage(_Model):
+    """Another REAPI CAS over gRPC (a buildfleet server serving only CAS, or any other).
+
+    CAS only: blobs there are checked against their digests, which action cache
+    entries do not match.  `instance` is the instance name on the remote;
+    `timeout` bounds each call (a stream that makes progress is resumed).
+    """
+
+    type: Literal["remote"]
+    address: str
+    instance: str = ""
+    timeout: float = Field(default=300.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        if address.startswith("unix:"):
+            return address
+        try:
+            parse_listen_address(address)
+        except ValueError:
+            raise ValueError(f"address {address!r} is not HOST:PORT (or unix:PATH)") from None
+        return address
+
+    @field_validator("instance")
+    @classmethod
+    def _check_instance(cls, instance: str) -> str:
+        check_instance_name(instance)
+        return instance
+
+
+class ReadCacheStorage(_Model):
+    """A local `cache` in front of a slower `backend` (typically `remote`); CAS only."""
+
+    type: Literal["read-cache"]
+    backend: StorageRef
+    cache: StorageRef
+
+
+STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache"})
 StorageSpec = Annotated[
-    DiskStorage | MemoryStorage | SizeLimitedStorage, Field(discriminator="type")
+    DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage,
+    Field(discriminator="type"),
 ]
 # A storage is either declared inline or named from the top-level `storage` map.
 StorageRef = str | StorageSpec
 SizeLimitedStorage.model_rebuild()
+ReadCacheStorage.model_rebuild()
 
 
 class SchedulerConfig(_Model):
@@ -125,16 +172,48 @@ class InstanceConfig(_Model):
     max_inline_size: ByteSize = Field(default=ByteSize(1 * MiB), ge=0)
 
 
+class PostgresConfig(_Model):
+    """The PostgreSQL connection pool, when `database` is a postgresql:// URL.
+
+    `mode`: ``replicated`` (the default) keeps the scheduler's state in the
+    database, so several `buildfleet serve` replicas can share it;
+    ``single-server`` keeps it in the one server's memory and writes it behind to
+    the database (the way SQLite is used): faster, but only one server process
+    may use the database at a time.
+    """
+
+    mode: Literal["replicated", "single-server"] = "replicated"
+    pool_min: int = Field(default=1, ge=1)
+    pool_max: int = Field(default=10, ge=1)
+    statement_timeout: float = Field(default=10.0, gt=0)  # seconds
+    connect_timeout: float = Field(default=5.0, gt=0)  # seconds
+    retry_after: float = Field(default=1.0, gt=0)  # the retry hint while it is down
+
+    @model_validator(mode="after")
+    def _check_pool(self) -> PostgresConfig:
+        if self.pool_max < self.pool_min:
+            raise ValueError(f"pool-max ({self.pool_max}) is below pool-min ({self.pool_min})")
+        return self
+
+
 class ServerConfig(_Model):
     """The whole server."""
 
     listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN], min_length=1)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     grace_period: float = Field(default=10.0, ge=0)
-    # Where scheduler state lives: a SQLite file (relative to data-dir) by default.
+    # Where scheduler state lives: a SQLite file (relative to data-dir) by default,
+    # or a postgresql:// URL (several replicas can then share it).
     database: str = "scheduler.sqlite3"
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
+
+    @field_validator("database")
+    @classmethod
+    def _check_database(cls, database: str) -> str:
+        check_database(database)
+        return database
 
     @field_validator("listen")
     @classmethod
@@ -161,12 +240,51 @@ class ServerConfig(_Model):
                     raise ValueError(f"{where}: no storage named {ref!r} (storage: {known})")
             elif isinstance(ref, SizeLimitedStorage):
                 check(ref.backend, f"{where}.backend")
+                unbounded = kinds(ref.backend) & {"remote", "read-cache"}
+                if unbounded:
+                    raise ValueError(f"{where}.backend: size-limited cannot bound "
+                                     f"{sorted(unbounded)[0]} storage (its blobs cannot be "
+                                     "evicted one by one); bound the cache of a read-cache "
+                                     "instead")
+            elif isinstance(ref, ReadCacheStorage):
+                check(ref.backend, f"{where}.backend")
+                check(ref.cache, f"{where}.cache")
+                if isinstance(ref.cache, str) and ref.cache == ref.backend:
+                    raise ValueError(f"{where}: backend and cache are the same storage "
+                                     f"{ref.cache!r}")
+                if "remote" in kinds(ref.cache):
+                    raise ValueError(f"{where}.cache: the cache of a read-cache must be local "
+                                     "storage (disk, memory, size-limited), not remote")
+
+        def kinds(ref: StorageRef, trail: tuple[str, ...] = ()) -> set[str]:
+            """The storage types `ref` is built from, following names."""
+            if isinstance(ref, str):
+                if ref not in self.storage:
+                    return set()  # reported by `check`
+                if ref in trail:
+                    cycle = " -> ".join((*trail, ref))
+                    raise ValueError(f"storage {ref!r} refers to itself ({cycle})")
+                return kinds(self.storage[ref], (*trail, ref))
+            found: set[str] = {ref.type}
+            if isinstance(ref, SizeLimitedStorage):
+                found |= kinds(ref.backend, trail)
+            elif isinstance(ref, ReadCacheStorage):
+                found |= kinds(ref.backend, trail) | kinds(ref.cache, trail)
+            return found
 
         for name, spec in self.storage.items():
             check(spec, f"storage.{name}")
+            kinds(name)
         for name, instance in self.instances.items():
             check(instance.cas, f"instances.{name!r}.cas")
             check(instance.action_cache, f"instances.{name!r}.action-cache")
+            if instance.action_cache is not None:
+                cas_only = sorted(kinds(instance.action_cache) & {"remote", "read-cache"})
+                if cas_only:
+                    raise ValueError(
+                        f"instances.{name!r}.action-cache: {cas_only[0]} storage holds CAS "
+                        "blobs only (action cache entries do not match their keys' digests); "
+                        "use disk, memory or size-limited storage")
         return self
 
     def resolve(self, ref: StorageRef) -> StorageSpec:
@@ -174,9 +292,13 @@ class ServerConfig(_Model):
         return self.storage[ref] if isinstance(ref, str) else ref
 
     def with_overrides(self, *, listen: list[str] | None = None,
-                       data_dir: Path | None = None) -> ServerConfig:
+                       data_dir: Path | None = None,
+                       database: str | None = None) -> ServerConfig:
         """A copy with command-line overrides applied."""
         update: dict[str, Any] = {}
+        if database is not None:
+            check_database(database)
+            update["database"] = database
         if listen:
             for address in listen:
                 parse_listen_address(address)
@@ -184,6 +306,26 @@ class ServerConfig(_Model):
         if data_dir is not None:
             update["data_dir"] = data_dir
         return self.model_copy(update=update)
+
+
+def check_database(database: str) -> None:
+    """ValueError unless `database` is a SQLite file path or a PostgreSQL URL."""
+    if not database.strip():
+        raise ValueError("the database must be a SQLite file or a postgresql:// URL, "
+                         "not empty")
+    if "://" in database and not database.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"the database must be a SQLite file or a postgresql:// URL, not "
+                         f"{database.partition('://')[0]}://...")
+
+
+def postgres_settings(config: ServerConfig) -> PostgresSettings:
+    """The connection settings for a `database` that is a PostgreSQL URL."""
+    from buildfleet.scheduler.postgres import PostgresSettings
+
+    pg = config.postgres
+    return PostgresSettings(url=config.database, pool_min=pg.pool_min, pool_max=pg.pool_max,
+                            statement_timeout=pg.statement_timeout,
+                            connect_timeout=pg.connect_timeout, retry_after=pg.retry_after)
 
 
 def instance_slug(name: str) -> str:
@@ -229,7 +371,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for index, part in enumerate(loc):
         text = str(part)
         holder = loc[index - 1] if index else None
-        if text in STORAGE_TYPES and (holder in ("cas", "action-cache", "backend")
+        if text in STORAGE_TYPES and (holder in ("cas", "action-cache", "backend", "cache")
                                       or (index >= 2 and loc[index - 2] == "storage")):
             continue  # the storage's `type`, which pydantic inserts into the path
         if skip_tag:  # the discriminator value that pydantic puts after a tagged union

@@ -1,5 +1,7 @@
 """One change the scheduler database can never store must not wedge it for good.
 
+(On SQLite and on PostgreSQL: the `backend` fixture runs the test on each.)
+
 Found by the fuzzing suite: a bot that announced a capacity of 10^20 reached
 SQLite as an integer it cannot hold ("Python int too large to convert to SQLite
 INTEGER").  The store keeps a failed batch to retry it, so that batch failed
@@ -11,21 +13,19 @@ must also write what it can and leave such a row out rather than retry it foreve
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from pgkit import StoreBackend
 
 from buildfleet.errors import BuildfleetError
 from buildfleet.scheduler.model import BotStatus
 from buildfleet.scheduler.scheduler import Scheduler
-from buildfleet.scheduler.store import SqliteSchedulerStore
 
 pytestmark = pytest.mark.faults
 
 
-async def test_an_unstorable_row_does_not_wedge_the_scheduler_database(tmp_path: Path) -> None:
-    path = tmp_path / "scheduler.sqlite3"
-    store = SqliteSchedulerStore(path)
+async def test_an_unstorable_row_does_not_wedge_the_scheduler_database(
+        backend: StoreBackend) -> None:
+    store = backend.new_store()
     await store.start()
     scheduler = Scheduler("", store)
     await scheduler.start()
@@ -40,7 +40,7 @@ async def test_an_unstorable_row_does_not_wedge_the_scheduler_database(tmp_path:
     finally:
         await scheduler.close()
         await store.close()
-    reopened = SqliteSchedulerStore(path)
+    reopened = backend.new_store()
     await reopened.start()
     try:
         state = await reopened.load("")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 import json
 import logging
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 INFRASTRUCTURE_CODES = (code_pb2.INTERNAL, code_pb2.UNAVAILABLE)
 SHUTDOWN_EXIT_CODE = 143  # 128 + SIGTERM: the bot was stopped, not the action
 CLOSED_MEMORY = 10_000  # closed session names remembered for clear error messages
+_OPERATION, _JOB = 0, 1  # kinds of entries in Scheduler._expiry
 
 
 @dataclass
@@ -99,6 +101,16 @@ class Scheduler:
         self._unmatched_since: dict[Properties, float] = {}
         self._seq = itertools.count()
         self._housekeeper: asyncio.Task[None] | None = None
+        # Job id or operation name -> `store.queued` right after it was saved done
+        # (completed, cancelled): what a done snapshot waits for before it is told.
+        self._done_marks: dict[str, int] = {}
+        # Job id -> its result's action-cache write, while in flight.
+        self._caching: dict[str, asyncio.Future[None]] = {}
+        # What may be forgotten once the retention period has passed, oldest first:
+        # (finished at, _OPERATION, name) for done operations, (completed at, _JOB,
+        # id) for done jobs that no operation refers to.  Entries are re-checked when
+        # they come due, so a stale one costs nothing but its pop.
+        self._expiry: list[tuple[float, int, str]] = []
         self.stats = {"assigned": 0, "completed": 0, "retried": 0, "expired_sessions": 0}
 
     # ------------------------------------------------------------------ life
@@ -116,6 +128,8 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeper
             self._housekeeper = None
+        if self._caching:  # results being cached: let them land
+            await asyncio.gather(*self._caching.values(), return_exceptions=True)
         for session in self.sessions.values():
             session.notifier.notify()
         for operation in self.operations.values():
@@ -136,8 +150,13 @@ class Scheduler:
         return seconds
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
-                     requirements: Properties, *, priority: int = 0) -> Operation:
-        """Queue an action (or join an identical one in flight); a new operation for it."""
+                     requirements: Properties, *, priority: int = 0,
+                     skip_cache_lookup: bool = False) -> Operation:
+        """Queue an action (or join an identical one in flight); a new operation for it.
+
+        (`skip_cache_lookup` matters to the replicated scheduler only, which may
+        answer with a job that succeeded a moment ago.)
+        """
         timeout = self.check_timeout(action)
         cacheable = not action.do_not_cache
         job = self._by_action.get(action_digest) if cacheable else None
@@ -186,9 +205,37 @@ class Scheduler:
         self.operations[name] = operation
         job.operations.add(name)
         self.store.save_operation(operation)
+        if job.done:  # a cache hit: done from the start
+            self._expire_later(operation)
         return operation
 
-    def get_operation(self, name: str) -> Operation:
+    async def get_operation(self, name: str) -> Operation:
+        operation = self.operation(name)
+        await self._durable(operation)
+        return operation
+
+    async def list_operations(self) -> list[Operation]:
+        """Every operation of the instance."""
+        await self.store.flush()
+        return list(self.operations.values())
+
+    async def _durable(self, operation: Operation) -> None:
+        """Wait until the end of a done operation (its result, its cancellation) is
+        stored, and a result in the action cache too."""
+        if not operation.done:
+            return
+        caching = self._caching.get(operation.job.id)
+        if caching is not None and operation.own_response is None:
+            await asyncio.shield(caching)
+        if not self._done_marks:
+            return
+        mark = max(self._done_marks.get(operation.job.id, 0),
+                   self._done_marks.get(operation.name, 0))
+        if mark > self.store.durable:
+            await self.store.flush_until(mark)
+
+    def operation(self, name: str) -> Operation:
+        """The operation called `name`; NotFound when there is none."""
         operation = self.operations.get(name)
         if operation is None:
             raise NotFound(f"operation {name!r} does not exist (or has expired)")
@@ -199,6 +246,8 @@ class Scheduler:
 
         Each snapshot is taken when it is yielded, so a change that happens while
         the consumer is busy with one is seen (and yielded) at the next step.
+        A snapshot is yielded once what it shows is durable (a result accepted
+        from a bot is stored before any client hears of it).
         NotFound when the operation is deleted meanwhile.
         """
         last: tuple[bool, Stage] | None = None
@@ -209,7 +258,9 @@ class Scheduler:
             state = (operation.done, operation.job.stage)
             if state != last:
                 last = state
-                yield operation_proto(operation)
+                snapshot = operation_proto(operation)
+                await self._durable(operation)
+                yield snapshot
                 continue
             if operation.done:
                 return
@@ -217,7 +268,7 @@ class Scheduler:
 
     async def cancel_operation(self, name: str) -> None:
         """Cancel one operation; the job stops when no operation still wants it."""
-        operation = self.get_operation(name)
+        operation = self.operation(name)
         if operation.done:
             return
         operation.cancelled = True
@@ -226,6 +277,8 @@ class Scheduler:
         job = operation.job
         job.operations.discard(name)
         self.store.save_operation(operation)
+        self._done_marks[name] = self.store.queued
+        self._expire_later(operation)
         operation.notifier.notify()
         if not any(not self.operations[n].cancelled for n in job.operations
                    if n in self.operations):
@@ -234,7 +287,7 @@ class Scheduler:
 
     async def delete_operation(self, name: str) -> None:
         """Forget an operation (the action itself keeps running for other waiters)."""
-        operation = self.get_operation(name)
+        operation = self.operation(name)
         del self.operations[name]
         operation.deleted = True
         job = operation.job
@@ -491,10 +544,30 @@ class Scheduler:
             assert result is not None
             response = execute_response(result=result, message=f"ran on {session.bot_id}")
             if job.cacheable and (result.exit_code == 0 or self.settings.cache_failed_results):
-                await self._cache(job, result)
+                self._cache_soon(job, result)
         if not job.done:
             self._complete(job, response)
             self.stats["completed"] += 1
+
+    def _cache_soon(self, job: Job, result: re_pb2.ActionResult) -> None:
+        """Start writing the job's result to the action cache.
+
+        The write overlaps the commit of the completion: the bot is answered once
+        the result is durable, clients once it is durable *and* cached (see
+        `_durable`), so a client that asks the action cache right after hearing of
+        the result finds it.  Until the write ends the job stays the one an
+        identical submission joins.
+        """
+        if self.action_cache is None:
+            return
+        task = asyncio.ensure_future(self._cache(job, result))
+        self._caching[job.id] = task
+        task.add_done_callback(lambda _: self._cached(job))
+
+    def _cached(self, job: Job) -> None:
+        self._caching.pop(job.id, None)
+        if job.done and self._by_action.get(job.action_digest) is job:
+            del self._by_action[job.action_digest]
 
     async def _cache(self, job: Job, result: re_pb2.ActionResult) -> None:
         if self.action_cache is None:
@@ -602,9 +675,11 @@ class Scheduler:
         job.lease = None
         self._executing.discard(job)
         self.queue.remove(job)
-        if self._by_action.get(job.action_digest) is job:
+        if self._by_action.get(job.action_digest) is job and job.id not in self._caching:
             del self._by_action[job.action_digest]
         self.store.save_job(job)
+        self._done_marks[job.id] = self.store.queued
+        self._expire_job_later(job)
         self._notify(job)
 
     def _notify(self, job: Job) -> None:
@@ -637,7 +712,7 @@ class Scheduler:
         session.notifier.notify()
         log.info("closed bot session %s of %s: %s", session.name, session.bot_id, reason)
 
-    def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
+    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
         """Record a bot's event on its session."""
         session = self.live_session(name)
         event = BotEvent(time=time.time(), type=event_type, message=message)
@@ -677,6 +752,8 @@ class Scheduler:
     def housekeep(self) -> None:
         """One pass: expire sessions, time out jobs, fail unmatched jobs, forget old ones."""
         moment = now()
+        durable = self.store.durable
+        self._done_marks = {k: v for k, v in self._done_marks.items() if v > durable}
         for session in list(self.sessions.values()):
             if not session.open_calls and moment - session.last_seen > self.settings.keepalive:
                 self.stats["expired_sessions"] += 1
@@ -717,18 +794,61 @@ class Scheduler:
             if requirements not in dict(self.queue.groups()):
                 del self._unmatched_since[requirements]
 
+    @staticmethod
+    def _finished_at(operation: Operation) -> float | None:
+        """When a done operation ended (a cancelled one counts from its creation)."""
+        if operation.own_response is not None:
+            return operation.created_at
+        return operation.job.completed_at
+
+    def _expire_later(self, operation: Operation) -> None:
+        """Note a done operation, to be forgotten once the retention period has passed."""
+        finished = self._finished_at(operation)
+        if finished is not None:
+            heapq.heappush(self._expiry, (finished, _OPERATION, operation.name))
+
+    def _expire_job_later(self, job: Job) -> None:
+        """Note a job that just finished for forgetting after the retention period:
+        through its operations (the job goes with the last of them), or by itself
+        when no operation refers to it."""
+        for name in job.operations:
+            operation = self.operations.get(name)
+            if operation is not None:
+                self._expire_later(operation)
+        if not job.operations:
+            heapq.heappush(self._expiry, (job.completed_at or 0.0, _JOB, job.id))
+
     def _forget_old(self, wall: float) -> None:
+        """Forget done operations, and done jobs left without one, older than the
+        retention period: only what has come due is looked at."""
         cutoff = wall - self.settings.completed_retention
-        for name, operation in list(self.operations.items()):
+        expiry = self._expiry
+        while expiry and expiry[0][0] < cutoff:
+            _, kind, key = heapq.heappop(expiry)
+            if kind == _JOB:
+                job = self.jobs.get(key)
+                if (job is not None and job.done and not job.operations
+                        and (job.completed_at or 0) < cutoff):
+                    self._forget_job(job)
+                continue
+            operation = self.operations.get(key)
+            if operation is None or not operation.done:
+                continue
+            finished = self._finished_at(operation)
+            if finished is None:
+                continue
+            if finished >= cutoff:  # it ended later than noted: wait for that time
+                heapq.heappush(expiry, (finished, _OPERATION, key))
+                continue
+            del self.operations[key]
             job = operation.job
-            finished = job.completed_at if operation.own_response is None else operation.created_at
-            if operation.done and finished is not None and finished < cutoff:
-                del self.operations[name]
-                job.operations.discard(name)
-                self.store.delete_operation(name)
-        for job in list(self.jobs.values()):
-            if job.done and not job.operations and (job.completed_at or 0) < cutoff:
-                self._forget_job(job)
+            job.operations.discard(key)
+            self.store.delete_operation(key)
+            if job.done and not job.operations:
+                if (job.completed_at or 0) < cutoff:
+                    self._forget_job(job)
+                else:
+                    heapq.heappush(expiry, (job.completed_at or 0.0, _JOB, job.id))
 
     # ----------------------------------------------------------------- restore
     async def _restore(self) -> None:
@@ -787,6 +907,11 @@ class Scheduler:
             self.operations[operation.name] = operation
             if not operation.cancelled:
                 target.operations.add(operation.name)
+            if operation.done:
+                self._expire_later(operation)
+        for job in self.jobs.values():
+            if job.done and not job.operations:
+                self._expire_job_later(job)
         if state.jobs or state.sessions:
             log.info("instance %r: restored %d jobs (%d queued), %d operations, %d bot sessions",
                      self.instance, len(self.jobs), len(self.queue), len(self.operations),

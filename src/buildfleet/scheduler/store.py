@@ -5,7 +5,9 @@ The scheduler keeps its state in memory and tells the store what changed
 writes them in one transaction per batch (group commit) on a single background
 thread; `flush()` waits until everything saved so far is durable.  Callers
 await `flush()` before answering a client or bot whenever losing the change in
-a crash would matter, so many concurrent calls share one commit.
+a crash would matter, so many concurrent calls share one commit.  A batch is
+written when someone waits for it: changes saved meanwhile by other calls ride
+along, and a flush with nothing new to write costs one comparison.
 
 `SqliteSchedulerStore` is the embedded default (WAL, synchronous=FULL);
 `MemorySchedulerStore` keeps nothing and serves tests and throwaway grids.
@@ -46,19 +48,34 @@ class StoredState:
     sessions: list[Row] = field(default_factory=list)
 
 
+_PROPERTIES_JSON: dict[frozenset[tuple[str, str]], str] = {}
+_PROPERTIES_JSON_LIMIT = 4096  # distinct property sets remembered
+
+
+def properties_json(properties: frozenset[tuple[str, str]]) -> str:
+    """A property set as stored: a sorted JSON list of pairs (remembered: sets recur)."""
+    text = _PROPERTIES_JSON.get(properties)
+    if text is None:
+        text = json.dumps(sorted(properties))
+        if len(_PROPERTIES_JSON) < _PROPERTIES_JSON_LIMIT:
+            _PROPERTIES_JSON[properties] = text
+    return text
+
+
 def job_row(job: Job) -> Row:
     lease = job.lease
     return {
         "id": job.id, "instance": job.instance,
         "action_hash": job.action_digest.hash, "action_size": job.action_digest.size_bytes,
-        "action": job.action, "requirements": json.dumps(sorted(job.requirements)),
+        "action": job.action, "requirements": properties_json(job.requirements),
         "priority": job.priority, "cacheable": int(job.cacheable), "timeout": job.timeout,
         "queued_at": job.queued_at, "seq": job.seq, "stage": int(job.stage),
         "attempts": job.attempts, "response": job.response,
         "lease_id": lease.id if lease else None,
         "lease_session": lease.session.name if lease else None,
         "lease_state": int(lease.state) if lease else None,
-        "failed_on": json.dumps(sorted(job.failed_on)), "last_failure": job.last_failure,
+        "failed_on": json.dumps(sorted(job.failed_on)) if job.failed_on else "[]",
+        "last_failure": job.last_failure,
         "completed_at": job.completed_at, "worker": job.worker,
     }
 
@@ -74,7 +91,7 @@ def operation_row(operation: Operation) -> Row:
 def session_row(session: BotSession) -> Row:
     return {
         "name": session.name, "instance": session.instance, "bot_id": session.bot_id,
-        "status": int(session.status), "properties": json.dumps(sorted(session.properties)),
+        "status": int(session.status), "properties": properties_json(session.properties),
         "capacity": session.capacity, "created_at": session.created_at,
         "version": session.version, "worker": session.worker_proto,
     }
@@ -93,12 +110,14 @@ class SchedulerStore(abc.ABC):
     def __init__(self) -> None:
         # (table, key) -> the object to write, or None to delete the row.
         self._pending: dict[tuple[str, str], Any] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        # flush() callers: the `queued` count each waits for, and its future.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writing = False
         self.commits = 0
         self.queued = 0  # changes handed to the store so far (a cheap change marker)
+        self.durable = 0  # the value `queued` had when the last committed batch was taken
 
     # -- what the scheduler calls -------------------------------------------
     def save_job(self, job: Job) -> None:
@@ -120,17 +139,31 @@ class SchedulerStore(abc.ABC):
         self._queue("sessions", name, None)
 
     async def flush(self) -> None:
-        """Return once every change queued before this call is durable."""
-        if not self._pending and not self._writing:
+        """Return once every change queued before this call is durable.
+
+        Free when it already is (one comparison), so callers may flush whenever
+        they are about to tell someone about a change.  A caller whose changes
+        are in the batch being written waits for that commit only, not the next.
+        """
+        await self.flush_until(self.queued)
+
+    async def flush_until(self, mark: int) -> None:
+        """Return once the changes queued while `queued` reached `mark` are durable.
+
+        For a caller that noted `queued` after its own change: it then waits for
+        no commit of the changes others made since.
+        """
+        target = mark
+        if self.durable >= target:
             return
         if self._wake is None:
             raise RuntimeError("store not started")
+        # One future per caller: a cancelled caller cancels only its own, which the
+        # writer then skips.
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A caller cancelled meanwhile never reads a failure: mark it retrieved.
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._waiters.append(future)
+        self._waiters.append((target, future))
         self._wake.set()
-        await asyncio.shield(future)
+        await future
 
     async def start(self) -> None:
         """Open the backend and start the writer (once; later calls do nothing)."""
@@ -168,10 +201,11 @@ class SchedulerStore(abc.ABC):
 
     # -- group commit ---------------------------------------------------------
     def _queue(self, table: str, key: str, item: Any) -> None:
+        # The writer is woken by flush(), not here: changes nobody waits for yet
+        # join the batch of the next flush (the scheduler's housekeeping flushes
+        # every tick), so a busy server commits fewer, larger batches.
         self.queued += 1
         self._pending[(table, key)] = item
-        if self._wake is not None and not self._writing:
-            self._wake.set()
 
     async def _write_loop(self) -> None:
         assert self._wake is not None
@@ -179,11 +213,10 @@ class SchedulerStore(abc.ABC):
             await self._wake.wait()
             self._wake.clear()
             if not self._pending:
-                for waiter in self._drain_waiters():
-                    waiter.set_result(None)
+                self._release(self.durable)
                 continue
-            batch, self._pending = self._pending, {}
-            waiters = self._drain_waiters()
+            # Everything queued up to `mark` is in this batch (coalesced per row).
+            batch, self._pending, mark = self._pending, {}, self.queued
             upserts: dict[str, list[Row]] = {}
             deletes: dict[str, list[str]] = {}
             for (table, key), item in batch.items():
@@ -203,17 +236,14 @@ class SchedulerStore(abc.ABC):
                 for entry, item in batch.items():
                     self._pending.setdefault(entry, item)
                 failure = Unavailable(f"the scheduler database is unavailable: {error}")
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(failure)
+                self._release(mark, failure)
                 await asyncio.sleep(0.5)
                 self._wake.set()
                 continue
             finally:
                 self._writing = False
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            self.durable = max(self.durable, mark)
+            self._release(self.durable)
             if self._pending or self._waiters:
                 self._wake.set()
 
@@ -233,9 +263,20 @@ class SchedulerStore(abc.ABC):
         if deletes:
             await self._write({}, deletes)
 
-    def _drain_waiters(self) -> list[asyncio.Future[None]]:
-        waiters, self._waiters = self._waiters, []
-        return waiters
+    def _release(self, mark: int, failure: Exception | None = None) -> None:
+        """Answer the flush() callers waiting for changes up to `mark`: done, or `failure`."""
+        if not self._waiters:
+            return
+        keep: list[tuple[int, asyncio.Future[None]]] = []
+        for target, future in self._waiters:
+            if target > mark:
+                keep.append((target, future))
+            elif not future.done():
+                if failure is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(failure)
+        self._waiters = keep
 
 
 class MemorySchedulerStore(SchedulerStore):

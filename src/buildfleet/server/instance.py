@@ -15,19 +15,27 @@ from buildfleet.config import (
     DiskStorage,
     InstanceConfig,
     MemoryStorage,
+    ReadCacheStorage,
+    RemoteStorage,
     SchedulerConfig,
     ServerConfig,
     SizeLimitedStorage,
     StorageRef,
     default_action_cache,
     default_cas,
+    postgres_settings,
 )
 from buildfleet.errors import InvalidArgument
+from buildfleet.scheduler.api import SchedulerAPI, Startable
+from buildfleet.scheduler.postgres import Database, PostgresSchedulerStore, is_postgres_url
+from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler
 from buildfleet.scheduler.scheduler import Scheduler
 from buildfleet.scheduler.settings import SchedulerSettings
 from buildfleet.scheduler.store import SchedulerStore, SqliteSchedulerStore
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
 from buildfleet.storage.action_cache import ActionCache
+from buildfleet.storage.read_cache import ReadCachingStore
+from buildfleet.storage.remote import RemoteStore
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Instance:
     cas: Cas
     action_cache: ActionCache
     settings: InstanceConfig
-    scheduler: Scheduler | None = None  # None: a cache-only instance
+    scheduler: SchedulerAPI | None = None  # None: a cache-only instance
 
     @property
     def max_batch_total_size(self) -> int:
@@ -51,7 +59,8 @@ class Instances:
 
     by_name: dict[str, Instance]
     stores: list[BlobStore] = field(default_factory=list)
-    scheduler_store: SchedulerStore | None = None
+    # The schedulers' shared persistence: a SchedulerStore, or the replicated grid.
+    scheduler_store: Startable | None = None
 
     def get(self, name: str) -> Instance:
         """The instance called `name`; InvalidArgument naming it when there is none."""
@@ -64,7 +73,7 @@ class Instances:
     def __iter__(self) -> Iterator[Instance]:
         return iter(self.by_name.values())
 
-    def schedulers(self) -> list[Scheduler]:
+    def schedulers(self) -> list[SchedulerAPI]:
         return [i.scheduler for i in self.by_name.values() if i.scheduler is not None]
 
     async def start(self) -> None:
@@ -96,7 +105,8 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
         path = Path(ref.path)
         store = DiskStore(path if path.is_absolute() else data_dir / path, fsync=ref.fsync)
         if ref.max_size is not None:
-            store = SizeLimitedStore(store, int(ref.max_size))
+            store = SizeLimitedStore(store, int(ref.max_size),
+                                     rescan_interval=ref.rescan_interval)
     elif isinstance(ref, MemoryStorage):
         store = SizeLimitedStore(MemoryStore(), int(ref.max_size))
     elif isinstance(ref, SizeLimitedStorage):
@@ -104,6 +114,15 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
         if not isinstance(ref.backend, str):
             created.remove(inner)  # the wrapper starts and closes its own backend
         store = SizeLimitedStore(inner, int(ref.max_size))
+    elif isinstance(ref, RemoteStorage):
+        store = RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout)
+    elif isinstance(ref, ReadCacheStorage):
+        backend = build_store(config, ref.backend, data_dir, named, created)
+        cache = build_store(config, ref.cache, data_dir, named, created)
+        for part, part_ref in ((backend, ref.backend), (cache, ref.cache)):
+            if not isinstance(part_ref, str):
+                created.remove(part)  # the wrapper starts and closes its own parts
+        store = ReadCachingStore(backend, cache)
     else:  # pragma: no cover - the config model admits nothing else
         raise TypeError(f"unknown storage {ref!r}")
     created.append(store)
@@ -125,7 +144,13 @@ def scheduler_settings(config: SchedulerConfig) -> SchedulerSettings:
     )
 
 
-def build_scheduler_store(config: ServerConfig) -> SchedulerStore:
+def build_scheduler_store(config: ServerConfig) -> SchedulerStore | ReplicatedGrid:
+    """The schedulers' persistence: a SQLite file, or PostgreSQL (replicated: the
+    database holds the state; single-server: written behind like SQLite)."""
+    if is_postgres_url(config.database):
+        if config.postgres.mode == "replicated":
+            return ReplicatedGrid(Database(postgres_settings(config)))
+        return PostgresSchedulerStore(postgres_settings(config))
     path = Path(config.database)
     return SqliteSchedulerStore(path if path.is_absolute() else Path(config.data_dir) / path)
 
@@ -145,8 +170,11 @@ def build_instances(config: ServerConfig) -> Instances:
         cas = Cas(cas_store)
         action_cache = ActionCache(ac_store, cas,
                                    allow_updates=settings.allow_action_cache_updates)
-        scheduler = None
-        if settings.scheduler.enabled and scheduler_store is not None:
+        scheduler: SchedulerAPI | None = None
+        if settings.scheduler.enabled and isinstance(scheduler_store, ReplicatedGrid):
+            scheduler = ReplicatedScheduler(name, scheduler_store, action_cache=action_cache,
+                                            settings=scheduler_settings(settings.scheduler))
+        elif settings.scheduler.enabled and isinstance(scheduler_store, SchedulerStore):
             scheduler = Scheduler(name, scheduler_store, action_cache=action_cache,
                                   settings=scheduler_settings(settings.scheduler))
         instances[name] = Instance(name=name, cas=cas, action_cache=action_cache,

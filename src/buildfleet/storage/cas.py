@@ -5,6 +5,11 @@ stored, whole-blob reads are verified before they are returned (a corrupted blob
 is logged, removed and reported as missing), and the empty blob is always present.
 Streamed reads (`read_verified`) are hashed as they go, holding the last chunk
 back until the whole blob has checked out.
+
+SHA-256 of large chunks runs on a small thread pool (hashlib releases the GIL
+for buffers over 2 KiB): a streamed read hashes one chunk while the previous one
+is being sent, and a streamed write hashes a chunk while it is written to the
+store, so the event loop's thread is not the bottleneck of either.
 """
 
 from __future__ import annotations
@@ -12,13 +17,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Iterable
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from buildfleet.digest import EMPTY_DIGEST, Digest, verify
-from buildfleet.errors import DataCorrupted, InvalidArgument, ResourceExhausted
+from buildfleet.errors import (
+    BuildfleetError,
+    DataCorrupted,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from buildfleet.storage.base import (
     DEFAULT_CHUNK_SIZE,
     BlobReader,
@@ -30,6 +44,32 @@ from buildfleet.storage.base import (
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+
+# Chunks at least this large are hashed on the hashing threads.
+THREAD_HASH_MIN = 64 * 1024
+# Chunks waiting to be hashed before the producer waits for the hashing to catch up.
+MAX_HASH_BACKLOG = 8
+_hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-hash")
+
+
+async def put_each(store: BlobStore, blobs: Sequence[tuple[Digest, bytes]]
+                   ) -> list[BuildfleetError | None]:
+    """Store several blobs, each on its own: per blob, its error (None when stored).
+
+    Uses the store's ``put_batch`` when it has one (the disk store writes a batch
+    on its I/O threads), else one `put` after another."""
+    put_batch = getattr(store, "put_batch", None)
+    if put_batch is not None:
+        results: list[BuildfleetError | None] = await put_batch(blobs)
+        return results
+    results = []
+    for digest, data in blobs:
+        try:
+            await store.put(digest, data)
+            results.append(None)
+        except BuildfleetError as error:
+            results.append(error)
+    return results
 
 
 class Cas:
@@ -70,6 +110,35 @@ class Cas:
         self.check_size(digest)
         await self.store.put(digest, data)
 
+    async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]
+                       ) -> list[BuildfleetError | None]:
+        """Verify and store several blobs, each on its own: per blob, its error
+        (InvalidArgument when the bytes do not match, ResourceExhausted...) or None.
+        A digest that appears more than once is stored once."""
+        blobs = list(blobs)
+        results: list[BuildfleetError | None] = [None] * len(blobs)
+        pending: dict[Digest, int] = {}  # digest -> index of the copy that is stored
+        duplicates: list[tuple[int, int]] = []
+        for index, (digest, data) in enumerate(blobs):
+            try:
+                verify(digest, data)
+                if digest == EMPTY_DIGEST:
+                    continue
+                self.check_size(digest)
+            except BuildfleetError as error:
+                results[index] = error
+                continue
+            first = pending.setdefault(digest, index)
+            if first != index:
+                duplicates.append((index, first))
+        order = list(pending.values())
+        stored = await put_each(self.store, [blobs[index] for index in order])
+        for index, outcome in zip(order, stored, strict=True):
+            results[index] = outcome
+        for index, first in duplicates:
+            results[index] = results[first]
+        return results
+
     async def get(self, digest: Digest) -> bytes | None:
         """The blob's bytes, verified; None when absent or found corrupted."""
         if digest == EMPTY_DIGEST:
@@ -83,12 +152,16 @@ class Cas:
         return data
 
     async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
-        """The verified blobs present among `digests`."""
-        found: dict[Digest, bytes] = {}
-        for digest in dict.fromkeys(digests):
-            data = await self.get(digest)
-            if data is not None:
-                found[digest] = data
+        """The verified blobs present among `digests` (one backend call: a remote store
+        answers a batch in one round trip)."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[Digest, bytes] = {EMPTY_DIGEST: b""} if EMPTY_DIGEST in wanted else {}
+        unique = [d for d in wanted if d != EMPTY_DIGEST]
+        for digest, data in (await self.store.get_many(unique)).items():
+            if len(data) != digest.size_bytes or hashlib.sha256(data).hexdigest() != digest.hash:
+                await self._discard_corrupted(digest)
+                continue
+            found[digest] = data
         return found
 
     async def get_message(self, digest: Digest, message_type: type[M], what: str) -> M | None:
@@ -136,7 +209,7 @@ class Cas:
             async for chunk in reader.chunks(offset, end - offset, chunk_size):
                 yield chunk
             return
-        hasher = hashlib.sha256()
+        hasher = _StreamHasher()
         position = 0
         held: bytes | None = None
         while position < size:
@@ -144,7 +217,7 @@ class Cas:
                                                    max(offset - position, 0) or chunk_size))
             if not data:
                 break
-            hasher.update(data)
+            await hasher.update(data)  # hashed on a thread while the previous chunk is sent
             start, stop = max(offset - position, 0), min(end - position, len(data))
             if start < stop:
                 if held is not None:
@@ -153,7 +226,8 @@ class Cas:
             else:
                 await asyncio.sleep(0)  # hashing what precedes the range: let others run
             position += len(data)
-        if position != digest.size_bytes or hasher.hexdigest() != digest.hash:
+        actual = await hasher.hexdigest()
+        if position != digest.size_bytes or actual != digest.hash:
             await self._discard_corrupted(digest)
             raise DataCorrupted(f"blob {digest} is corrupted in storage (its bytes no longer "
                                 "match its digest); it has been removed: upload it again")
@@ -171,15 +245,85 @@ class Cas:
         await self.store.delete(digest)
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _StreamHasher:
+    """SHA-256 of a sequence of chunks, hashed in order on the hashing threads
+    without the caller waiting for each chunk.
+
+    A thread is busy only while chunks are waiting (one drain job at a time per
+    stream, so the order holds); small chunks with nothing waiting are hashed at
+    once.  `update` waits once MAX_HASH_BACKLOG chunks are waiting, which bounds
+    the memory a slow hash can hold; `hexdigest` waits for every chunk."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._pending: deque[bytes] = deque()
+        self._draining = False
+        self._idle: asyncio.Future[None] | None = None
+
+    async def update(self, data: bytes) -> None:
+        with self._lock:
+            inline = not self._draining and len(data) < THREAD_HASH_MIN
+            start = False
+            if not inline:
+                self._pending.append(data)
+                start, self._draining = not self._draining, True
+            backlog = len(self._pending)
+        if inline:
+            self._sha.update(data)
+            return
+        if start:
+            try:
+                _hashing.submit(self._drain)
+            except RuntimeError:  # the pool is shut down (the interpreter is exiting)
+                self._drain()
+        if backlog >= MAX_HASH_BACKLOG:
+            await self._wait()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._draining = False
+                    waiter, self._idle = self._idle, None
+                    break
+                data = self._pending.popleft()
+            self._sha.update(data)
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    async def _wait(self) -> None:
+        with self._lock:
+            if not self._draining:
+                return
+            if self._idle is None or self._idle.done():  # done: an earlier wait was cancelled
+                self._idle = self._loop.create_future()
+            waiter = self._idle
+        await waiter
+
+    async def hexdigest(self) -> str:
+        await self._wait()
+        return self._sha.hexdigest()
+
+
 class VerifyingWriter:
-    """Streams a blob into a store, committing only if hash and size match."""
+    """Streams a blob into a store, committing only if hash and size match.
+
+    Large chunks are hashed on the hashing threads while the store writes them."""
 
     def __init__(self, digest: Digest, inner: BlobWriter) -> None:
         self.digest = digest
         self._inner = inner
-        self._hasher = hashlib.sha256()
+        self._hasher: _StreamHasher | None = None
         self.written = 0
         self.finished = False
+        self._interrupted = False  # a write did not complete: the hash is unreliable
 
     async def write(self, data: bytes) -> None:
         if self.written + len(data) > self.digest.size_bytes:
@@ -188,18 +332,31 @@ class VerifyingWriter:
                 f"blob {self.digest}: received more than the {self.digest.size_bytes} "
                 "bytes the digest announces"
             )
-        self._hasher.update(data)
-        self.written += len(data)
+        if self._interrupted:
+            raise Unavailable(f"blob {self.digest}: an earlier write was interrupted; "
+                              "restart the upload")
+        if self._hasher is None:
+            self._hasher = _StreamHasher()
+        self._interrupted = True
+        await self._hasher.update(data)
         await self._inner.write(data)
+        self._interrupted = False
+        self.written += len(data)
 
     async def commit(self) -> None:
+        if self._interrupted:
+            await self.abort()
+            raise Unavailable(f"blob {self.digest}: an earlier write was interrupted; "
+                              "restart the upload")
         if self.written != self.digest.size_bytes:
             await self.abort()
             raise InvalidArgument(
                 f"blob {self.digest}: received {self.written} bytes, the digest announces "
                 f"{self.digest.size_bytes}"
             )
-        actual = self._hasher.hexdigest()
+        if self._hasher is None:
+            self._hasher = _StreamHasher()
+        actual = await self._hasher.hexdigest()
         if actual != self.digest.hash:
             await self.abort()
             raise InvalidArgument(f"blob {self.digest}: content hashes to {actual}")

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, TypedDict
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
-from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -37,9 +36,10 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
     worker_pb2,
 )
 from buildfleet.errors import InvalidArgument
+from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.model import BotSession, BotStatus, Lease, LeaseState, Properties
 from buildfleet.scheduler.protos import ACTION_URL, DIGEST_URL
-from buildfleet.scheduler.scheduler import ReportedLease, Scheduler
+from buildfleet.scheduler.scheduler import ReportedLease
 from buildfleet.server.rpc import add_service, rpc
 
 __all__ = ["BaseBotsService", "BotMetrics", "BotsService", "UninstancedBotsService"]
@@ -97,12 +97,6 @@ def worker_capacity(worker: worker_pb2.Worker) -> int:
     return int(text)
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def _lease_proto(lease: Lease, offer_pending: bool) -> bots_pb2.Lease:
     """A lease as sent to the bot: ACTIVE with the Action inline, or PENDING with its digest."""
     message = bots_pb2.Lease(id=lease.id, state=int(lease.state))  # type: ignore[arg-type]
@@ -132,10 +126,10 @@ def _reported(lease: bots_pb2.Lease) -> ReportedLease:
 class BaseBotsService:
     """What both Bots services share: translation and the bot queries."""
 
-    def _scheduler_for(self, instance_name: str) -> Scheduler:
+    def _scheduler_for(self, instance_name: str) -> SchedulerAPI:
         raise NotImplementedError
 
-    def _session_proto(self, scheduler: Scheduler, session: BotSession, leases: Iterable[Lease],
+    def _session_proto(self, scheduler: SchedulerAPI, session: BotSession, leases: Iterable[Lease],
                        worker: worker_pb2.Worker | None) -> bots_pb2.BotSession:
         message = bots_pb2.BotSession(
             name=session.name, bot_id=session.bot_id,
@@ -147,11 +141,12 @@ class BaseBotsService:
             message.worker.ParseFromString(session.worker_proto)
         offer_pending = scheduler.settings.offer_pending
         message.leases.extend(_lease_proto(lease, offer_pending) for lease in leases)
-        message.expire_time.CopyFrom(_timestamp(time.time() + scheduler.settings.keepalive))
+        message.expire_time.FromNanoseconds(
+            int((time.time() + scheduler.settings.keepalive) * 1e9))
         return message
 
     async def _create(self, request: bots_pb2.CreateBotSessionRequest,
-                      scheduler: Scheduler) -> bots_pb2.BotSession:
+                      scheduler: SchedulerAPI) -> bots_pb2.BotSession:
         body = request.bot_session
         if not body.bot_id:
             raise InvalidArgument("bot_session.bot_id is required")
@@ -165,7 +160,7 @@ class BaseBotsService:
 
     async def _update(self, request: bots_pb2.UpdateBotSessionRequest,
                       context: grpc.aio.ServicerContext,
-                      scheduler: Scheduler) -> bots_pb2.BotSession:
+                      scheduler: SchedulerAPI) -> bots_pb2.BotSession:
         body = request.bot_session
         if body.name and body.name != request.name:
             raise InvalidArgument(
@@ -190,15 +185,15 @@ class BaseBotsService:
         return self._session_proto(scheduler, session, leases,
                                    body.worker if has_worker else None)
 
-    def _post_event(self, request: bots_pb2.PostBotEventTempRequest,
-                    scheduler: Scheduler) -> Empty:
+    async def _post_event(self, request: bots_pb2.PostBotEventTempRequest,
+                          scheduler: SchedulerAPI) -> Empty:
         names = bots_pb2.PostBotEventTempRequest.Type
         kind = names.Name(request.type) if request.type in names.values() else str(request.type)
         message = request.msg
         if len(message) > MAX_EVENT_MESSAGE:  # kept per session and logged: bounded
             message = (f"{message[:MAX_EVENT_MESSAGE]}... "
                        f"({len(message) - MAX_EVENT_MESSAGE} more characters dropped)")
-        scheduler.post_event(request.name, kind, message)
+        await scheduler.post_event(request.name, kind, message)
         return Empty()
 
     def query_connected_bots_for_instance(self, instance_name: str) -> int:
@@ -241,8 +236,8 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     SERVICE_NAME: ClassVar[str] = "Bots"
     FULL_NAME: ClassVar[str] = "google.devtools.remoteworkers.v1test2.Bots"
 
-    def __init__(self, schedulers: Mapping[str, Scheduler] | Any = None) -> None:
-        self._schedulers: dict[str, Scheduler] = {}
+    def __init__(self, schedulers: Mapping[str, SchedulerAPI] | Any = None) -> None:
+        self._schedulers: dict[str, SchedulerAPI] = {}
         if schedulers is not None:
             items = (schedulers.items() if isinstance(schedulers, Mapping)
                      else ((i.name, i.scheduler) for i in schedulers))
@@ -250,7 +245,7 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
                 if scheduler is not None:
                     self.add_instance(name, scheduler)
 
-    def add_instance(self, instance_name: str, scheduler: Scheduler) -> None:
+    def add_instance(self, instance_name: str, scheduler: SchedulerAPI) -> None:
         """Serve `instance_name` with `scheduler`."""
         self._schedulers[instance_name] = scheduler
 
@@ -261,7 +256,7 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     def register(self, server: grpc.aio.Server) -> None:
         self.REGISTER_METHOD(server)
 
-    def _scheduler_for(self, instance_name: str) -> Scheduler:
+    def _scheduler_for(self, instance_name: str) -> SchedulerAPI:
         scheduler = self._schedulers.get(instance_name)
         if scheduler is None:
             known = ", ".join(repr(n) for n in sorted(self._schedulers)) or "none"
@@ -286,7 +281,8 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     async def PostBotEventTemp(self, request: bots_pb2.PostBotEventTempRequest,  # noqa: N802
                                context: grpc.aio.ServicerContext) -> Empty:
         """Record an event a bot reports about itself."""
-        return self._post_event(request, self._scheduler_for(instance_of_session(request.name)))
+        return await self._post_event(request,
+                                      self._scheduler_for(instance_of_session(request.name)))
 
 
 class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
@@ -295,7 +291,7 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     SERVICE_NAME: ClassVar[str] = "Bots"
     FULL_NAME: ClassVar[str] = "google.devtools.remoteworkers.v1test2.Bots"
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: SchedulerAPI) -> None:
         self._scheduler = scheduler
 
     async def start(self) -> None:
@@ -310,7 +306,7 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     def register(self, server: grpc.aio.Server) -> None:
         self.REGISTER_METHOD(server)
 
-    def _scheduler_for(self, instance_name: str) -> Scheduler:
+    def _scheduler_for(self, instance_name: str) -> SchedulerAPI:
         return self._scheduler
 
     @rpc
@@ -329,7 +325,7 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     async def PostBotEventTemp(self, request: bots_pb2.PostBotEventTempRequest,  # noqa: N802
                                context: grpc.aio.ServicerContext) -> Empty:
         """Record an event a bot reports about itself."""
-        return self._post_event(request, self._scheduler)
+        return await self._post_event(request, self._scheduler)
 
     def get_bot_status_metrics(self, _: str = "") -> BotMetrics:
         """Bot and free-capacity counts by status and property label."""

@@ -134,18 +134,30 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                 f"this instance's max_batch_total_size of {limit} bytes; upload large blobs "
                 "through ByteStream.Write"
             )
-        response = re_pb2.BatchUpdateBlobsResponse()
+        # Decode every entry first, then store the valid ones in one call (the disk
+        # store writes them on its I/O threads); each entry gets its own status.
+        errors: list[BuildfleetError | None] = []
+        blobs: list[tuple[Digest, bytes]] = []
+        positions: list[int] = []
         for index, entry in enumerate(request.requests):
             try:
-                await self._update_one(instance, index, entry)
-                status = _ok()
+                blobs.append(self._decode_one(instance, index, entry))
+                positions.append(index)
+                errors.append(None)
             except BuildfleetError as error:
-                status = status_proto(error)
-            response.responses.add(digest=entry.digest, status=status)
+                errors.append(error)
+        for index, outcome in zip(positions, await instance.cas.put_many(blobs), strict=True):
+            errors[index] = outcome
+        response = re_pb2.BatchUpdateBlobsResponse()
+        add = response.responses.add
+        ok = _ok()
+        for entry, failure in zip(request.requests, errors, strict=True):
+            add(digest=entry.digest, status=ok if failure is None else status_proto(failure))
         return response
 
-    async def _update_one(self, instance: Instance, index: int,
-                          entry: re_pb2.BatchUpdateBlobsRequest.Request) -> None:
+    @staticmethod
+    def _decode_one(instance: Instance, index: int,
+                    entry: re_pb2.BatchUpdateBlobsRequest.Request) -> tuple[Digest, bytes]:
         digest = Digest.from_proto(entry.digest, f"requests[{index}].digest")
         data = entry.data
         if entry.compressor == ZSTD:
@@ -161,7 +173,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                 f"blob {digest}: compressor {_compressor_name(entry.compressor)} is not "
                 "supported (IDENTITY and ZSTD are)"
             )
-        await instance.cas.put(digest, data)
+        return digest, data
 
     # -- BatchReadBlobs -----------------------------------------------------
 

@@ -97,7 +97,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        return operation_proto(scheduler.get_operation(request.name))
+        return operation_proto(await scheduler.get_operation(request.name))
 
     @rpc
     async def ListOperations(self, request: operations_pb2.ListOperationsRequest,  # noqa: N802
@@ -110,7 +110,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _after(request.page_token, request.name)
-        selected = sorted((op for op in scheduler.operations.values() if matches(op)),
+        selected = sorted((op for op in await scheduler.list_operations() if matches(op)),
                           key=_sort_key)
         start = 0 if after is None else bisect.bisect_right(selected, after, key=_sort_key)
         page = selected[start:start + size]
@@ -139,7 +139,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
                             context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         """The operation once done, or as it stands when the timeout or deadline is near."""
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = scheduler.get_operation(request.name)
+        operation = await scheduler.get_operation(request.name)
         limit = MAX_WAIT
         if request.HasField("timeout"):
             # Plain arithmetic: a Duration beyond what timedelta holds is still valid input.
@@ -153,8 +153,10 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
             limit = min(limit, remaining - max(remaining * 0.1, DEADLINE_MARGIN))
         try:
             async with asyncio.timeout(max(limit, 0)):
-                async for _ in scheduler.watch(operation):
-                    pass
+                async for snapshot in scheduler.watch(operation):
+                    if snapshot.done:
+                        return snapshot
         except TimeoutError:
             pass
-        return operation_proto(operation)
+        # As it stands now (the scheduler may keep only a snapshot in `operation`).
+        return operation_proto(await scheduler.get_operation(request.name))

@@ -1,0 +1,72 @@
+"""What the services ask of a scheduler, whichever implementation serves an instance.
+
+`Scheduler` (state in memory, written behind to SQLite or PostgreSQL) and
+`ReplicatedScheduler` (state in PostgreSQL, shared by several server replicas)
+both answer these calls; the services know only this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
+
+from google.longrunning import operations_pb2
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.digest import Digest
+from buildfleet.scheduler.model import BotEvent, BotSession, BotStatus, Lease, Operation, Properties
+from buildfleet.scheduler.scheduler import ReportedLease
+from buildfleet.scheduler.settings import SchedulerSettings
+
+
+class Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class SchedulerAPI(Protocol):
+    instance: str
+    settings: SchedulerSettings
+
+    @property
+    def store(self) -> Startable: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- clients
+    def check_timeout(self, action: re_pb2.Action) -> float: ...
+
+    async def submit(self, action_digest: Digest, action: re_pb2.Action,
+                     requirements: Properties, *, priority: int = 0,
+                     skip_cache_lookup: bool = False) -> Operation: ...
+
+    async def record_cache_hit(self, action_digest: Digest,
+                               result: re_pb2.ActionResult) -> Operation: ...
+
+    async def get_operation(self, name: str) -> Operation: ...
+
+    async def list_operations(self) -> list[Operation]: ...
+
+    def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]: ...
+
+    async def cancel_operation(self, name: str) -> None: ...
+
+    async def delete_operation(self, name: str) -> None: ...
+
+    # -- bots
+    async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
+                             capacity: int, worker: bytes = b"") -> BotSession: ...
+
+    async def update_session(self, name: str, *, bot_id: str, status: BotStatus,
+                             leases: list[ReportedLease], properties: Properties | None = None,
+                             capacity: int | None = None, worker: bytes | None = None,
+                             wait: float = 0.0) -> tuple[BotSession, list[Lease]]: ...
+
+    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent: ...
+
+    def live_sessions(self) -> Iterable[BotSession]: ...
+
+    def connected_bots(self) -> int: ...

@@ -1,0 +1,125 @@
+"""The PostgreSQL schema of the scheduler database, as versioned migrations.
+
+``MIGRATIONS[0]`` is version 1, ``MIGRATIONS[1]`` version 2, and so on.  A
+migration is one SQL script (several statements allowed) that
+`buildfleet.scheduler.postgres.migrate` runs in its own transaction; to change the
+schema, append a script -- never edit one that has shipped, since databases already
+at that version will not run it again.  Names are never schema-qualified: every
+object lives in the connection's ``search_path`` schema.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # version 1: the rows of the write-behind store (the SQLite schema's columns,
+    # in PostgreSQL types).
+    """
+    CREATE TABLE jobs (
+        id text PRIMARY KEY, instance text NOT NULL,
+        action_hash text NOT NULL, action_size bigint NOT NULL, action bytea NOT NULL,
+        requirements text NOT NULL, priority bigint NOT NULL, cacheable bigint NOT NULL,
+        timeout double precision NOT NULL, queued_at double precision NOT NULL,
+        seq bigint NOT NULL, stage bigint NOT NULL, attempts bigint NOT NULL, response bytea,
+        lease_id text, lease_session text, lease_state bigint,
+        failed_on text NOT NULL, last_failure text NOT NULL, completed_at double precision,
+        worker text NOT NULL
+    );
+    CREATE INDEX jobs_instance ON jobs (instance);
+    CREATE TABLE operations (
+        name text PRIMARY KEY, instance text NOT NULL, job_id text NOT NULL,
+        created_at double precision NOT NULL, cancelled bigint NOT NULL, own_response bytea
+    );
+    CREATE INDEX operations_instance ON operations (instance);
+    CREATE TABLE sessions (
+        name text PRIMARY KEY, instance text NOT NULL, bot_id text NOT NULL,
+        status bigint NOT NULL, properties text NOT NULL, capacity bigint NOT NULL,
+        created_at double precision NOT NULL, version bigint NOT NULL, worker bytea NOT NULL
+    );
+    CREATE INDEX sessions_instance ON sessions (instance);
+    """,
+    # version 2: the replicated scheduler's own tables (buildfleet.scheduler.replicated),
+    # where the database, not a process, holds the state.  Requirements and bot
+    # properties are {"key": [values]} objects, so that `@>` matches them.
+    """
+    CREATE TABLE grid_jobs (
+        id text PRIMARY KEY,
+        instance text NOT NULL,
+        action_hash text NOT NULL,
+        action_size bigint NOT NULL,
+        action bytea NOT NULL,
+        requirements jsonb NOT NULL,
+        priority integer NOT NULL,
+        cacheable boolean NOT NULL,
+        timeout double precision NOT NULL,
+        queued_at double precision NOT NULL,
+        seq bigint GENERATED ALWAYS AS IDENTITY,
+        stage smallint NOT NULL,
+        attempts integer NOT NULL DEFAULT 0,
+        response bytea,
+        lease_id text,
+        lease_session text,
+        lease_state smallint,
+        lease_delivered boolean NOT NULL DEFAULT false,
+        started_at double precision,
+        failed_on jsonb NOT NULL DEFAULT '[]',
+        last_failure text NOT NULL DEFAULT '',
+        unmatched_since double precision,
+        completed_at double precision,
+        succeeded boolean NOT NULL DEFAULT false,  -- a bot's result, OK with exit code 0
+        worker text NOT NULL DEFAULT ''
+    );
+    -- The queue: what a bot's claim scans, most urgent first.
+    CREATE INDEX grid_jobs_queue ON grid_jobs (instance, priority, seq) WHERE stage = 2;
+    CREATE INDEX grid_jobs_running ON grid_jobs (instance, started_at) WHERE stage = 3;
+    CREATE INDEX grid_jobs_lease_session ON grid_jobs (lease_session)
+        WHERE lease_session IS NOT NULL;
+    CREATE INDEX grid_jobs_finished ON grid_jobs (instance, completed_at) WHERE stage = 4;
+    CREATE INDEX grid_jobs_action ON grid_jobs (instance, action_hash, action_size);
+    -- One unfinished cacheable job per action, whichever replica queued it.
+    CREATE UNIQUE INDEX grid_jobs_in_flight ON grid_jobs (instance, action_hash, action_size)
+        WHERE cacheable AND stage <> 4;
+
+    CREATE TABLE grid_operations (
+        name text PRIMARY KEY,
+        instance text NOT NULL,
+        job_id text NOT NULL REFERENCES grid_jobs (id) ON DELETE CASCADE,
+        created_at double precision NOT NULL,
+        cancelled boolean NOT NULL DEFAULT false,
+        own_response bytea
+    );
+    CREATE INDEX grid_operations_job ON grid_operations (job_id);
+    CREATE INDEX grid_operations_instance ON grid_operations (instance, created_at, name);
+
+    CREATE TABLE grid_sessions (
+        name text PRIMARY KEY,
+        instance text NOT NULL,
+        bot_id text NOT NULL,
+        status smallint NOT NULL,
+        properties jsonb NOT NULL,
+        capacity integer NOT NULL,
+        created_at double precision NOT NULL,
+        last_seen double precision NOT NULL,
+        version bigint NOT NULL DEFAULT 0,
+        worker bytea NOT NULL
+    );
+    CREATE UNIQUE INDEX grid_sessions_bot ON grid_sessions (instance, bot_id);
+    CREATE INDEX grid_sessions_seen ON grid_sessions (instance, last_seen);
+
+    CREATE TABLE grid_closed_sessions (
+        name text PRIMARY KEY,
+        instance text NOT NULL,
+        reason text NOT NULL,
+        closed_at double precision NOT NULL
+    );
+
+    CREATE TABLE grid_bot_events (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        session text NOT NULL,
+        bot_id text NOT NULL,
+        time double precision NOT NULL,
+        type text NOT NULL,
+        message text NOT NULL
+    );
+    CREATE INDEX grid_bot_events_session ON grid_bot_events (session, id);
+    """,
+]
