@@ -80,6 +80,9 @@ from buildfleet.scheduler.scheduler import (
     INFRASTRUCTURE_CODES,
     SHUTDOWN_EXIT_CODE,
     ReportedLease,
+    action_timeout,
+    check_lease_reports,
+    parse_lease_result,
     qualified,
 )
 from buildfleet.scheduler.settings import SchedulerSettings
@@ -388,16 +391,7 @@ class ReplicatedScheduler:
 
     # ---------------------------------------------------------------- clients
     def check_timeout(self, action: re_pb2.Action) -> float:
-        if not action.HasField("timeout"):
-            return 0.0
-        seconds = action.timeout.seconds + action.timeout.nanos / 1e9
-        if seconds < 0:
-            raise InvalidArgument(f"action timeout {seconds}s is negative")
-        if seconds > self.settings.max_timeout:
-            raise InvalidArgument(
-                f"action timeout {seconds:.0f}s exceeds this instance's maximum of "
-                f"{self.settings.max_timeout:.0f}s")
-        return seconds
+        return action_timeout(action, self.settings.max_timeout)
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
@@ -714,7 +708,7 @@ class ReplicatedScheduler:
                              capacity: int | None = None, worker: bytes | None = None,
                              wait: float = 0.0) -> tuple[BotSession, list[Lease]]:
         """Apply a bot's report, hand it work, and long-poll up to `wait` seconds."""
-        _check_report(leases)
+        check_lease_reports(leases)
         self._open_calls[name] += 1
         # Registered before the first transaction (matching any work until the
         # session's properties are known), so that work announced while that
@@ -940,7 +934,7 @@ class ReplicatedScheduler:
         """A bot reported a lease COMPLETED: decide the job's fate."""
         bot = session.bot_id
         try:
-            result = _parse_result(report)
+            result = parse_lease_result(report)
         except (ValueError, DecodeError) as error:
             await self._retry(conn, effects, row, bot, code_pb2.INTERNAL,
                               f"bot {bot} sent an unusable result: {error}")
@@ -1313,24 +1307,3 @@ class _Outcome:
     session: BotSession
     response: list[Lease] | None  # None: nothing to say yet, long-poll
     holds: bool  # the bot runs leases
-
-
-def _check_report(reported: list[ReportedLease]) -> None:
-    seen: set[str] = set()
-    for report in reported:
-        if report.id in seen:
-            raise InvalidArgument(f"lease {report.id!r} appears twice in the bot session")
-        seen.add(report.id)
-        if report.state not in (LeaseState.PENDING, LeaseState.ACTIVE,
-                                LeaseState.COMPLETED, LeaseState.CANCELLED):
-            raise InvalidArgument(f"lease {report.id!r} has invalid state {report.state}")
-
-
-def _parse_result(report: ReportedLease) -> re_pb2.ActionResult | None:
-    if report.result is None or not report.result.type_url:
-        return None
-    if report.result.type_url.rsplit("/", 1)[-1] != re_pb2.ActionResult.DESCRIPTOR.full_name:
-        raise ValueError(f"lease result is a {report.result.type_url}, not an ActionResult")
-    result = re_pb2.ActionResult()
-    result.ParseFromString(report.result.value)
-    return result

@@ -74,6 +74,43 @@ class ReportedLease:
     result: AnyProto | None = None
 
 
+def action_timeout(action: re_pb2.Action, max_timeout: float) -> float:
+    """The action's timeout in seconds (0: none set); InvalidArgument when out of bounds."""
+    if not action.HasField("timeout"):
+        return 0.0
+    seconds = action.timeout.seconds + action.timeout.nanos / 1e9
+    if seconds < 0:
+        raise InvalidArgument(f"action timeout {seconds}s is negative")
+    if seconds > max_timeout:
+        raise InvalidArgument(
+            f"action timeout {seconds:.0f}s exceeds this instance's maximum of "
+            f"{max_timeout:.0f}s")
+    return seconds
+
+
+def check_lease_reports(reported: list[ReportedLease]) -> None:
+    """InvalidArgument for a lease reported twice or in a state a bot may not report."""
+    seen: set[str] = set()
+    for report in reported:
+        if report.id in seen:
+            raise InvalidArgument(f"lease {report.id!r} appears twice in the bot session")
+        seen.add(report.id)
+        if report.state not in (LeaseState.PENDING, LeaseState.ACTIVE,
+                                LeaseState.COMPLETED, LeaseState.CANCELLED):
+            raise InvalidArgument(f"lease {report.id!r} has invalid state {report.state}")
+
+
+def parse_lease_result(report: ReportedLease) -> re_pb2.ActionResult | None:
+    """The ActionResult a bot reported with a lease; ValueError/DecodeError if unusable."""
+    if report.result is None or not report.result.type_url:
+        return None
+    if report.result.type_url.rsplit("/", 1)[-1] != re_pb2.ActionResult.DESCRIPTOR.full_name:
+        raise ValueError(f"lease result is a {report.result.type_url}, not an ActionResult")
+    result = re_pb2.ActionResult()
+    result.ParseFromString(report.result.value)
+    return result
+
+
 def qualified(instance: str, name: str) -> str:
     """`<instance>/<name>`, or just `<name>` for the unnamed instance."""
     return f"{instance}/{name}" if instance else name
@@ -138,16 +175,7 @@ class Scheduler:
     # ---------------------------------------------------------------- clients
     def check_timeout(self, action: re_pb2.Action) -> float:
         """The action's timeout in seconds; InvalidArgument when out of bounds."""
-        if not action.HasField("timeout"):
-            return 0.0
-        seconds = action.timeout.seconds + action.timeout.nanos / 1e9
-        if seconds < 0:
-            raise InvalidArgument(f"action timeout {seconds}s is negative")
-        if seconds > self.settings.max_timeout:
-            raise InvalidArgument(
-                f"action timeout {seconds:.0f}s exceeds this instance's maximum of "
-                f"{self.settings.max_timeout:.0f}s")
-        return seconds
+        return action_timeout(action, self.settings.max_timeout)
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
@@ -433,14 +461,8 @@ class Scheduler:
         return leases
 
     def _validate_report(self, session: BotSession, reported: list[ReportedLease]) -> None:
-        seen: set[str] = set()
+        check_lease_reports(reported)
         for report in reported:
-            if report.id in seen:
-                raise InvalidArgument(f"lease {report.id!r} appears twice in the bot session")
-            seen.add(report.id)
-            if report.state not in (LeaseState.PENDING, LeaseState.ACTIVE,
-                                    LeaseState.COMPLETED, LeaseState.CANCELLED):
-                raise InvalidArgument(f"lease {report.id!r} has invalid state {report.state}")
             lease = session.leases.get(report.id)
             if lease is None:
                 continue
@@ -478,15 +500,6 @@ class Scheduler:
                 changed = True  # the bot lost our last answer: send the lease again
         return changed
 
-    def _parse_result(self, report: ReportedLease) -> re_pb2.ActionResult | None:
-        if report.result is None or not report.result.type_url:
-            return None
-        if report.result.type_url.rsplit("/", 1)[-1] != re_pb2.ActionResult.DESCRIPTOR.full_name:
-            raise ValueError(f"lease result is a {report.result.type_url}, not an ActionResult")
-        result = re_pb2.ActionResult()
-        result.ParseFromString(report.result.value)
-        return result
-
     async def _finish(self, lease: Lease, report: ReportedLease, terminating: bool) -> None:
         """A bot reported a lease COMPLETED: decide the job's fate."""
         job, session = lease.job, lease.session
@@ -494,7 +507,7 @@ class Scheduler:
         if job.lease is not lease or job.done:
             return  # a late result of a lease already cancelled or reassigned
         try:
-            result = self._parse_result(report)
+            result = parse_lease_result(report)
         except (ValueError, DecodeError) as error:
             self._retry(lease, code_pb2.INTERNAL, f"bot {session.bot_id} sent an unusable "
                         f"result: {error}")
