@@ -40,6 +40,7 @@ from google.rpc import code_pb2, error_details_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, worker_pb2
+from buildfleet.server.capabilities.service import EXECUTION_PRIORITY_MAX, EXECUTION_PRIORITY_MIN
 
 # Every test here runs on both schedulers (tests/conftest.py).
 BOTH_SCHEDULERS = True
@@ -536,6 +537,26 @@ async def test_priority_order(start_server: StartServer) -> None:
     await bot.register()
     order = await run_leases_in_order(bot, 4)
     assert order == [digests[p] for p in (-1, 0, 3, 5)]
+    for call in calls:
+        assert (await client.result(call)).status.code == code_pb2.OK
+
+
+async def test_priority_beyond_the_advertised_range_is_clamped(
+        start_server: StartServer) -> None:
+    # A priority beyond either end of the advertised range is clamped to that
+    # end: it ties with the job submitted there before it and runs after it.
+    server = await start_server(scheduler_config(fairness_share=0))
+    client = Client(server.channel)
+    calls, digests = [], []
+    for n, priority in enumerate((EXECUTION_PRIORITY_MIN, -2**31, EXECUTION_PRIORITY_MAX,
+                                  2**31 - 1)):
+        digests.append(await client.action("clamp", str(n)))
+        call = client.execute(digests[-1], priority=priority)
+        await client.first_operation(call)
+        calls.append(call)
+    bot = StubBot(server.channel)
+    await bot.register()
+    assert await run_leases_in_order(bot, 4) == digests
     for call in calls:
         assert (await client.result(call)).status.code == code_pb2.OK
 

@@ -27,6 +27,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2
 from pgkit import TcpProxy
 
+from buildfleet.config import is_postgres_url
 from buildfleet.errors import Unavailable
 from buildfleet.scheduler import pg_schema, postgres
 from buildfleet.scheduler.postgres import (
@@ -34,7 +35,6 @@ from buildfleet.scheduler.postgres import (
     PostgresSchedulerStore,
     PostgresSettings,
     UnusableDatabase,
-    is_postgres_url,
     migrate,
     redact,
 )

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pgkit import postgres_schema
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest
 from buildfleet.errors import InvalidArgument, ResourceExhausted
+from buildfleet.scheduler.postgres import PostgresSettings
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
+from buildfleet.storage.postgres import PostgresStore
 
 
 def blob(n: int, size: int = 100) -> tuple[Digest, bytes]:
@@ -31,11 +35,20 @@ async def read_all(store: BlobStore, digest: Digest, **kwargs: int) -> bytes:
         return b"".join([piece async for piece in reader.chunks(**kwargs)])
 
 
-@pytest.fixture(params=["disk", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+@pytest.fixture(params=["disk", "memory", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     if request.param == "disk":
-        return DiskStore(tmp_path / "store")
-    return MemoryStore()
+        yield DiskStore(tmp_path / "store")
+    elif request.param == "memory":
+        yield MemoryStore()
+    else:
+        async with postgres_schema() as url:
+            store = PostgresStore(PostgresSettings(url))
+            await store.start()
+            try:
+                yield store
+            finally:
+                await store.close()
 
 
 # -- behaviour every store shares ---------------------------------------------

@@ -78,7 +78,8 @@ def upgrade(database: str | None, config_file: Path | None) -> None:
     `buildfleet serve` does the same when it starts; this is for operators who
     prefer to migrate separately.
     """
-    from buildfleet.scheduler.postgres import UnusableDatabase, is_postgres_url
+    from buildfleet.config import is_postgres_url
+    from buildfleet.scheduler.postgres import UnusableDatabase
     from buildfleet.scheduler.postgres import upgrade as upgrade_schema
 
     try:

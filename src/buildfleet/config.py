@@ -129,9 +129,25 @@ class ReadCacheStorage(_Model):
     cache: StorageRef
 
 
-STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache"})
+class PostgresStorage(_Model):
+    """Rows in the server's PostgreSQL `database`, shared by every replica.
+
+    Meant for the action cache of replicas on several machines.  `namespace`
+    keeps storages apart in the one table; `max-size` and `rescan-interval` bound
+    it as for disk storage.
+    """
+
+    type: Literal["postgres"]
+    namespace: str = ""
+    max_size: ByteSize | None = Field(default=None, gt=0)
+    rescan_interval: float | None = Field(default=None, gt=0)
+
+
+STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache",
+                           "postgres"})
 StorageSpec = Annotated[
-    DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage,
+    DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage
+    | PostgresStorage,
     Field(discriminator="type"),
 ]
 # A storage is either declared inline or named from the top-level `storage` map.
@@ -233,6 +249,11 @@ class ServerConfig(_Model):
 
     @model_validator(mode="after")
     def _check_references(self) -> ServerConfig:
+        self.check_storage()
+        return self
+
+    def check_storage(self) -> None:
+        """ValueError unless every storage reference resolves and fits where it is used."""
         def check(ref: StorageRef | None, where: str) -> None:
             if isinstance(ref, str):
                 if ref not in self.storage:
@@ -272,20 +293,26 @@ class ServerConfig(_Model):
                 found |= kinds(ref.backend, trail) | kinds(ref.cache, trail)
             return found
 
+        used: set[str] = set()
         for name, spec in self.storage.items():
             check(spec, f"storage.{name}")
-            kinds(name)
+            used |= kinds(name)
         for name, instance in self.instances.items():
             check(instance.cas, f"instances.{name!r}.cas")
             check(instance.action_cache, f"instances.{name!r}.action-cache")
+            for ref in (instance.cas, instance.action_cache):
+                if ref is not None:
+                    used |= kinds(ref)
             if instance.action_cache is not None:
                 cas_only = sorted(kinds(instance.action_cache) & {"remote", "read-cache"})
                 if cas_only:
                     raise ValueError(
                         f"instances.{name!r}.action-cache: {cas_only[0]} storage holds CAS "
                         "blobs only (action cache entries do not match their keys' digests); "
-                        "use disk, memory or size-limited storage")
-        return self
+                        "use disk, memory, size-limited or postgres storage")
+        if "postgres" in used and not is_postgres_url(self.database):
+            raise ValueError("postgres storage keeps blobs in the server's database: "
+                             "set `database` to a postgresql:// URL")
 
     def resolve(self, ref: StorageRef) -> StorageSpec:
         """The storage spec that a reference names."""
@@ -305,7 +332,9 @@ class ServerConfig(_Model):
             update["listen"] = list(listen)
         if data_dir is not None:
             update["data_dir"] = data_dir
-        return self.model_copy(update=update)
+        config = self.model_copy(update=update)
+        config.check_storage()
+        return config
 
 
 def check_database(database: str) -> None:
@@ -316,6 +345,11 @@ def check_database(database: str) -> None:
     if "://" in database and not database.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"the database must be a SQLite file or a postgresql:// URL, not "
                          f"{database.partition('://')[0]}://...")
+
+
+def is_postgres_url(database: str) -> bool:
+    """Whether a `database` setting names PostgreSQL rather than a SQLite file."""
+    return database.startswith(("postgresql://", "postgres://"))
 
 
 def postgres_settings(config: ServerConfig) -> PostgresSettings:

@@ -122,4 +122,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX grid_bot_events_session ON grid_bot_events (session, id);
     """,
+    # version 3: blobs of `postgres` storage (an action cache every replica shares).
+    # A `namespace` keeps the stores of several configured storages apart.
+    """
+    CREATE TABLE blobs (
+        namespace text NOT NULL,
+        hash text NOT NULL,
+        size bigint NOT NULL,
+        data bytea NOT NULL,
+        last_access double precision NOT NULL,
+        PRIMARY KEY (namespace, hash, size)
+    );
+    """,
 ]

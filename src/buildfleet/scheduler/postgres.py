@@ -60,11 +60,6 @@ class UnusableDatabase(RuntimeError):
     """The database cannot be used as it is: a newer schema, a malformed URL."""
 
 
-def is_postgres_url(database: str) -> bool:
-    """Whether a `database` setting names PostgreSQL rather than a SQLite file."""
-    return database.startswith(("postgresql://", "postgres://"))
-
-
 def redact(url: str) -> str:
     """`url` without its password, for messages and logs."""
     parts = urlsplit(url)

@@ -15,6 +15,7 @@ from buildfleet.config import (
     DiskStorage,
     InstanceConfig,
     MemoryStorage,
+    PostgresStorage,
     ReadCacheStorage,
     RemoteStorage,
     SchedulerConfig,
@@ -23,17 +24,19 @@ from buildfleet.config import (
     StorageRef,
     default_action_cache,
     default_cas,
+    is_postgres_url,
     postgres_settings,
 )
 from buildfleet.errors import InvalidArgument
 from buildfleet.scheduler.api import SchedulerAPI, Startable
-from buildfleet.scheduler.postgres import Database, PostgresSchedulerStore, is_postgres_url
+from buildfleet.scheduler.postgres import Database, PostgresSchedulerStore
 from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler
 from buildfleet.scheduler.scheduler import Scheduler
 from buildfleet.scheduler.settings import SchedulerSettings
 from buildfleet.scheduler.store import SchedulerStore, SqliteSchedulerStore
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
 from buildfleet.storage.action_cache import ActionCache
+from buildfleet.storage.postgres import PostgresStore
 from buildfleet.storage.read_cache import ReadCachingStore
 from buildfleet.storage.remote import RemoteStore
 
@@ -116,6 +119,11 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
         store = SizeLimitedStore(inner, int(ref.max_size))
     elif isinstance(ref, RemoteStorage):
         store = RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout)
+    elif isinstance(ref, PostgresStorage):
+        store = PostgresStore(postgres_settings(config), namespace=ref.namespace)
+        if ref.max_size is not None:
+            store = SizeLimitedStore(store, int(ref.max_size),
+                                     rescan_interval=ref.rescan_interval)
     elif isinstance(ref, ReadCacheStorage):
         backend = build_store(config, ref.backend, data_dir, named, created)
         cache = build_store(config, ref.cache, data_dir, named, created)

@@ -12,7 +12,7 @@ blocking the event loop; in-memory and local-disk stores may answer at once.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from buildfleet.digest import Digest
@@ -138,3 +138,25 @@ class BytesReader(BlobReader):
 
     async def read(self, offset: int, length: int) -> bytes:
         return bytes(self._data[offset:offset + length])
+
+
+class BufferedWriter(BlobWriter):
+    """Collects the pieces in memory and hands the whole blob to `on_commit`."""
+
+    def __init__(self, on_commit: Callable[[bytes], Awaitable[object]]) -> None:
+        self._buffer: bytearray | None = bytearray()
+        self._on_commit = on_commit
+
+    async def write(self, data: bytes) -> None:
+        if self._buffer is None:
+            raise RuntimeError("write after commit or abort")
+        self._buffer += data
+
+    async def commit(self) -> None:
+        if self._buffer is None:
+            raise RuntimeError("commit after commit or abort")
+        data, self._buffer = bytes(self._buffer), None
+        await self._on_commit(data)
+
+    async def abort(self) -> None:
+        self._buffer = None

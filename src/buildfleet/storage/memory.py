@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from buildfleet.digest import Digest
-from buildfleet.storage.base import BlobReader, BlobStore, BlobWriter, BytesReader, StoredBlob
+from buildfleet.storage.base import (
+    BlobReader,
+    BlobStore,
+    BlobWriter,
+    BufferedWriter,
+    BytesReader,
+    StoredBlob,
+)
 
 
 class MemoryStore(BlobStore):
@@ -32,7 +39,10 @@ class MemoryStore(BlobStore):
         self._blobs[digest] = bytes(data)
 
     async def begin_write(self, digest: Digest) -> BlobWriter:
-        return _MemoryWriter(lambda data: self._blobs.__setitem__(digest, data))
+        async def store(data: bytes) -> None:
+            self._blobs[digest] = data
+
+        return BufferedWriter(store)
 
     async def delete(self, digest: Digest) -> bool:
         return self._blobs.pop(digest, None) is not None
@@ -42,22 +52,3 @@ class MemoryStore(BlobStore):
         for digest, data in list(self._blobs.items()):
             yield StoredBlob(digest, len(data), now)
 
-
-class _MemoryWriter(BlobWriter):
-    def __init__(self, on_commit: Callable[[bytes], object]) -> None:
-        self._buffer: bytearray | None = bytearray()
-        self._on_commit = on_commit
-
-    async def write(self, data: bytes) -> None:
-        if self._buffer is None:
-            raise RuntimeError("write after commit or abort")
-        self._buffer += data
-
-    async def commit(self) -> None:
-        if self._buffer is None:
-            raise RuntimeError("commit after commit or abort")
-        self._on_commit(bytes(self._buffer))
-        self._buffer = None
-
-    async def abort(self) -> None:
-        self._buffer = None

@@ -9,7 +9,9 @@ comes.
 Execution priorities (`ExecutionPolicy.priority`) are accepted in the range
 EXECUTION_PRIORITY_MIN..EXECUTION_PRIORITY_MAX; as in REAPI, a *lower* value runs
 *sooner*, and 0 is the default.  Cache priorities are not implemented: the only
-accepted value is 0.
+accepted value is 0.  A priority outside the range is clamped to its nearer end
+(REAPI lets a server clamp to the range it advertises), so a client asking for
+-2**31 cannot jump ahead of everything else forever.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ HIGH_API_VERSION = semver_pb2.SemVer(major=2, minor=3)
 # Lower runs first (REAPI ExecutionPolicy.priority); 0 is the default.
 EXECUTION_PRIORITY_MIN = -1000
 EXECUTION_PRIORITY_MAX = 1000
+
+
+def clamp_priority(priority: int) -> int:
+    """`priority` moved into the advertised execution priority range."""
+    return min(max(priority, EXECUTION_PRIORITY_MIN), EXECUTION_PRIORITY_MAX)
 
 _SHA256 = re_pb2.DigestFunction.SHA256
 _ZSTD = re_pb2.Compressor.ZSTD

@@ -20,6 +20,7 @@ from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.protos import operation_proto, platform_requirements
+from buildfleet.server.capabilities.service import clamp_priority
 from buildfleet.server.instance import Instance, Instances
 from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.action_cache import missing_blobs_error
@@ -108,7 +109,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 return
         operation = await scheduler.submit(
             action_digest, action, platform_requirements(platform),
-            priority=request.execution_policy.priority,
+            priority=clamp_priority(request.execution_policy.priority),
             skip_cache_lookup=request.skip_cache_lookup)
         async for message in scheduler.watch(operation):
             yield message
