@@ -19,7 +19,11 @@ from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest
 from buildfleet.errors import InvalidArgument, ResourceExhausted
 from buildfleet.server.bytestream.resource import ResourceName, parse_read, parse_write
-from buildfleet.server.bytestream.service import CHUNK_SIZE, ByteStreamService
+from buildfleet.server.bytestream.service import (
+    CHUNK_SIZE,
+    ByteStreamService,
+    encoded_read_response,
+)
 from buildfleet.storage.base import BlobWriter
 from buildfleet.storage.disk import DiskStore
 
@@ -706,3 +710,11 @@ async def test_memory_storage(start_server: StartServer) -> None:
                                             compressed)) == -1
     finally:
         await service_of(server).close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, CHUNK_SIZE, CHUNK_SIZE + 3])
+def test_read_responses_are_encoded_as_protobuf_would(size: int) -> None:
+    data = os.urandom(size)
+    encoded = encoded_read_response(data)
+    assert encoded == bs_pb2.ReadResponse(data=data).SerializeToString()
+    assert bs_pb2.ReadResponse.FromString(encoded).data == data

@@ -113,6 +113,16 @@ _HANDLER_FACTORIES = {
 }
 
 
+def _serializer(response_type: type[Message]) -> Callable[[Message | bytes], bytes]:
+    """Serializes responses, passing through those a method already encoded (bytes)."""
+    serialize = response_type.SerializeToString
+
+    def serializer(response: Message | bytes) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serializer
+
+
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
     """Register `servicer`'s methods for `service` (like the generated
     ``add_*Servicer_to_server``), parsing requests leniently: see the module docstring."""
@@ -124,7 +134,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
         handlers[method.name] = factory(
             getattr(servicer, method.name),
             request_deserializer=_lenient_parser(request_type),
-            response_serializer=response_type.SerializeToString)
+            response_serializer=_serializer(response_type))
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -12,7 +12,7 @@ blocking the event loop; in-memory and local-disk stores may answer at once.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 from buildfleet.digest import Digest
@@ -30,9 +30,15 @@ class StoredBlob:
 
 
 class BlobReader(abc.ABC):
-    """An open handle on one stored blob, read in ranges."""
+    """An open handle on one stored blob, read in ranges.
+
+    `version`, when the store can tell, identifies the stored bytes as they were
+    when the blob was opened: any change to them (in place, or by replacing the
+    blob) gives a different version.  None: the store cannot tell.
+    """
 
     size: int
+    version: Hashable | None = None
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
@@ -61,7 +67,13 @@ class BlobReader(abc.ABC):
 
 
 class BlobWriter(abc.ABC):
-    """A blob being written.  Nothing is visible to readers until `commit()`."""
+    """A blob being written.  Nothing is visible to readers until `commit()`.
+
+    After `commit()`, `version` is what a reader opening the stored blob would
+    report (see `BlobReader`) when the store can tell, else None.
+    """
+
+    version: Hashable | None = None
 
     @abc.abstractmethod
     async def write(self, data: bytes) -> None:

@@ -6,6 +6,14 @@ is logged, removed and reported as missing), and the empty blob is always presen
 Streamed reads (`read_verified`) are hashed as they go, holding the last chunk
 back until the whole blob has checked out.
 
+Hashing a large blob again on every read costs more than sending it, so a blob of
+at least TRUST_MIN_SIZE bytes that was verified (written through `begin_write`,
+or read in full) is streamed without hashing while the store reports the same
+`version` for it (a disk store: same file, unchanged since; see BlobReader), for
+at most REVERIFY_AFTER seconds.  A store that reports no versions is hashed on
+every read.  What this gives up is noticing, within that hour, bytes that decay
+on the device without the file system seeing a change.
+
 SHA-256 of large chunks runs on a small thread pool (hashlib releases the GIL
 for buffers over 2 KiB): a streamed read hashes one chunk while the previous one
 is being sent, and a streamed write hashes a chunk while it is written to the
@@ -18,8 +26,9 @@ import asyncio
 import hashlib
 import logging
 import threading
-from collections import deque
-from collections.abc import AsyncGenerator, Iterable, Sequence
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -50,6 +59,12 @@ THREAD_HASH_MIN = 64 * 1024
 # Chunks waiting to be hashed before the producer waits for the hashing to catch up.
 MAX_HASH_BACKLOG = 8
 _hashing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cas-hash")
+# Blobs at least this large are remembered as verified (see the module docstring).
+TRUST_MIN_SIZE = 1024 * 1024
+# A remembered blob is hashed again on its first read after this many seconds.
+REVERIFY_AFTER = 3600.0
+# How many verified blobs are remembered (least recently verified forgotten first).
+MAX_REMEMBERED = 65536
 
 
 async def put_each(store: BlobStore, blobs: Sequence[tuple[Digest, bytes]]
@@ -78,6 +93,8 @@ class Cas:
     def __init__(self, store: BlobStore, *, max_blob_size: int = 0) -> None:
         self.store = store
         self.max_blob_size = max_blob_size  # 0: no limit
+        # digest -> (version of the stored blob when it was verified, monotonic time)
+        self._verified: OrderedDict[Digest, tuple[Hashable, float]] = OrderedDict()
 
     async def start(self) -> None:
         await self.store.start()
@@ -205,7 +222,7 @@ class Cas:
         """
         size = reader.size
         end = size if limit <= 0 else min(size, offset + limit)
-        if end < size and size > chunk_size:
+        if (end < size and size > chunk_size) or self._still_verified(digest, reader.version):
             async for chunk in reader.chunks(offset, end - offset, chunk_size):
                 yield chunk
             return
@@ -231,17 +248,41 @@ class Cas:
             await self._discard_corrupted(digest)
             raise DataCorrupted(f"blob {digest} is corrupted in storage (its bytes no longer "
                                 "match its digest); it has been removed: upload it again")
+        self._remember_verified(digest, reader.version)
         if held is not None:
             yield held
+
+    def _remember_verified(self, digest: Digest, version: Hashable | None) -> None:
+        """Note that the stored blob, at `version`, matches its digest."""
+        if version is None or digest.size_bytes < TRUST_MIN_SIZE:
+            return
+        self._verified[digest] = (version, time.monotonic())
+        self._verified.move_to_end(digest)
+        while len(self._verified) > MAX_REMEMBERED:
+            self._verified.popitem(last=False)
+
+    def _still_verified(self, digest: Digest, version: Hashable | None) -> bool:
+        """Whether the stored blob is unchanged since it was verified, not long ago."""
+        if version is None:
+            return False
+        remembered = self._verified.get(digest)
+        if remembered is None:
+            return False
+        if remembered[0] != version or time.monotonic() - remembered[1] > REVERIFY_AFTER:
+            del self._verified[digest]
+            return False
+        return True
 
     async def begin_write(self, digest: Digest) -> VerifyingWriter:
         """A writer that hashes what it receives and refuses to commit a mismatch."""
         self.check_size(digest)
-        return VerifyingWriter(digest, await self.store.begin_write(digest))
+        return VerifyingWriter(digest, await self.store.begin_write(digest),
+                               on_commit=lambda version: self._remember_verified(digest, version))
 
     async def _discard_corrupted(self, digest: Digest) -> None:
         log.error("blob %s is corrupted in storage; removing it so that it is re-uploaded",
                   digest)
+        self._verified.pop(digest, None)
         await self.store.delete(digest)
 
 
@@ -317,9 +358,11 @@ class VerifyingWriter:
 
     Large chunks are hashed on the hashing threads while the store writes them."""
 
-    def __init__(self, digest: Digest, inner: BlobWriter) -> None:
+    def __init__(self, digest: Digest, inner: BlobWriter, *,
+                 on_commit: Callable[[Hashable | None], object] | None = None) -> None:
         self.digest = digest
         self._inner = inner
+        self._on_commit = on_commit  # called with the stored blob's version
         self._hasher: _StreamHasher | None = None
         self.written = 0
         self.finished = False
@@ -362,6 +405,8 @@ class VerifyingWriter:
             raise InvalidArgument(f"blob {self.digest}: content hashes to {actual}")
         self.finished = True
         await self._inner.commit()
+        if self._on_commit is not None:
+            self._on_commit(self._inner.version)
 
     async def abort(self) -> None:
         self.finished = True

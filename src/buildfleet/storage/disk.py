@@ -32,6 +32,16 @@ use the same directory at once:
 With ``fsync=True`` every blob and the directory entry naming it are flushed to
 the device before the write is acknowledged.
 
+Readers, and streamed writers once committed, report a `version` of the file:
+(device, inode, size, change time in nanoseconds).  Writing to the file,
+truncating it or replacing it changes the version, so the CAS can skip hashing
+again a blob it verified and that has not changed since (see
+buildfleet.storage.cas).  Versions are reported only where that holds:
+`start()` checks that the file system gives a file a new change time however
+soon it changes after one was read (recent Linux kernels do, with multigrain
+timestamps; older ones may repeat a timestamp for a few milliseconds), and
+otherwise reports none.
+
 Reads, lookups and single small blobs are handled inline on the event loop
 (page-cache reads and writes take microseconds).  Creating a file costs tens of
 microseconds to milliseconds (see bench/RESULTS.md), so a batch of whole blobs is
@@ -50,7 +60,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -160,6 +170,7 @@ class DiskStore(BlobStore):
         self._made_dirs: set[str] = set()
         self._use_tmpfile = bool(_O_TMPFILE)
         self._node = _node_id()
+        self._versions = False  # whether files report versions (checked by `start`)
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -205,17 +216,27 @@ class DiskStore(BlobStore):
             os.close(fd)
 
     @staticmethod
-    def _touch(target: int | str, mtime: float, now: float) -> None:
+    def _touch(target: int | str, mtime: float, now: float) -> bool:
+        """Refresh the modification time if it is old; whether it was refreshed."""
         if now - mtime > TOUCH_INTERVAL:
             try:
                 os.utime(target)
+                return True
             except OSError:  # read-only, or gone: recency is only a hint
                 pass
+        return False
+
+    def _version(self, stat: os.stat_result) -> Hashable | None:
+        if not self._versions:
+            return None
+        return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_ctime_ns)
 
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         await self._in_thread(self._clean_temp_files)
+        self._versions = await self._in_thread(
+            lambda: change_times_are_fine_grained(self._tmp_dir))
 
     def _clean_temp_files(self) -> None:
         """Remove temporary files that no live writer will ever finish."""
@@ -268,8 +289,10 @@ class DiskStore(BlobStore):
             touch(path, mtime, now)
         return missing
 
-    def _open_fd(self, digest: Digest, what: str) -> tuple[int, int] | None:
-        """(fd, size) of the blob's file, refreshing its modification time; None if absent."""
+    def _open_fd(self, digest: Digest, what: str
+                 ) -> tuple[int, int, Hashable | None] | None:
+        """(fd, size, version) of the blob's file, refreshing its modification time;
+        None if absent."""
         try:
             fd = os.open(self._file(digest), os.O_RDONLY | _O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -283,14 +306,19 @@ class DiskStore(BlobStore):
         except OSError as error:
             os.close(fd)
             raise _os_error(error, f"{what} {digest}") from error
-        self._touch(fd, stat.st_mtime, time.time())
-        return fd, stat.st_size
+        if self._touch(fd, stat.st_mtime, time.time()) and self._versions:
+            try:
+                stat = os.fstat(fd)  # the touch changed the change time
+            except OSError as error:
+                os.close(fd)
+                raise _os_error(error, f"{what} {digest}") from error
+        return fd, stat.st_size, self._version(stat)
 
     async def get(self, digest: Digest) -> bytes | None:
         opened = self._open_fd(digest, "reading")
         if opened is None:
             return None
-        fd, size = opened
+        fd, size, _ = opened
         try:
             # Asking for one byte more than the size tells the end of the file apart
             # from a short read in one call.
@@ -315,7 +343,7 @@ class DiskStore(BlobStore):
         opened = self._open_fd(digest, "opening")
         if opened is None:
             return None
-        return _FileReader(opened[0], opened[1], str(digest))
+        return _FileReader(opened[0], opened[1], str(digest), opened[2])
 
     # -- whole-blob writes ----------------------------------------------------
 
@@ -520,10 +548,11 @@ class DiskStore(BlobStore):
 
 
 class _FileReader(BlobReader):
-    def __init__(self, fd: int, size: int, what: str) -> None:
+    def __init__(self, fd: int, size: int, what: str, version: Hashable | None) -> None:
         self._fd: int | None = fd
         self.size = size
         self._what = what
+        self.version = version
 
     async def read(self, offset: int, length: int) -> bytes:
         if self._fd is None:
@@ -593,9 +622,11 @@ class _FileWriter(BlobWriter):
             try:
                 if store._fsync:
                     os.fsync(fd)
+                store._publish(self._temp, self._target)
+                # After the rename, which sets the change time.
+                self.version = store._version(os.fstat(fd))
             finally:
                 os.close(fd)
-            store._publish(self._temp, self._target)
             if store._fsync:
                 store._sync_dir(os.path.dirname(self._target))
 
@@ -622,3 +653,34 @@ class _FileWriter(BlobWriter):
             inflight.add_done_callback(discard)
         else:
             discard()
+
+
+def change_times_are_fine_grained(directory: str, tries: int = 5) -> bool:
+    """Whether a file in `directory` gets a new change time when it is written right
+    after its status was read, every time out of `tries`."""
+    try:
+        fd = os.open(directory, _O_TMPFILE | os.O_RDWR | _O_CLOEXEC, 0o600) \
+            if _O_TMPFILE else None
+    except OSError:
+        fd = None
+    path = None
+    if fd is None:
+        path = f"{directory}/ctime-probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | _O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+    try:
+        for _ in range(tries):
+            before = os.fstat(fd).st_ctime_ns
+            os.write(fd, b"x")
+            if os.fstat(fd).st_ctime_ns == before:
+                return False
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        if path is not None:
+            _unlink_quietly(path)
+

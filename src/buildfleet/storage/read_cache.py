@@ -341,6 +341,7 @@ class _TeeWriter(BlobWriter):
         if self._cache is not None:
             try:
                 await self._cache.commit()
+                self.version = self._cache.version  # reads are served from the cache
             except BuildfleetError as error:
                 await self._give_up_cache(error)
 

@@ -262,6 +262,7 @@ class _CountingWriter(BlobWriter):
 
     async def commit(self) -> None:
         await self._inner.commit()
+        self.version = self._inner.version
         self._store._remember(self._digest, self._written)
         await self._store._evict(keep=self._digest)
 
