@@ -4,8 +4,10 @@
 The load is bench/scheduler.py's (B synthetic bots completing every lease at
 once, C clients each executing distinct no-op actions and checking they got
 their own result), spread round-robin over R replicas: bot i and client i talk
-to replica i mod R.  The replicas share one CAS / action-cache directory and a
-fresh schema of the given database, dropped afterwards.
+to replica i mod R.  The replicas share one CAS directory, a fresh schema of
+the given database (dropped afterwards) and an action cache: in that directory
+too (`--action-cache disk`, the default) or in the database (`postgres`, what
+replicas on different machines use).
 
     python bench/replicas.py --replicas 2 --bots 32 --clients 64 --actions 5000 \\
         --database postgresql://postgres@127.0.0.1:5432/test
@@ -58,11 +60,13 @@ def fresh_schema(url: str) -> Iterator[str]:
             admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def replica_config(database: str, shared: Path) -> str:
+def replica_config(database: str, shared: Path, action_cache: str) -> str:
+    ac = (f"{{type: disk, path: '{shared / 'ac'}'}}" if action_cache == "disk"
+          else "{type: postgres}")
     return (f"database: '{database}'\n"
             "storage:\n"
             f"  cas: {{type: disk, path: '{shared / 'cas'}'}}\n"
-            f"  ac: {{type: disk, path: '{shared / 'ac'}'}}\n"
+            f"  ac: {ac}\n"
             "instances:\n"
             "  '': {cas: cas, action-cache: ac}\n")
 
@@ -114,11 +118,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--actions", type=int, default=5000)
     parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--action-cache", choices=["disk", "postgres"], default="disk")
     args = parser.parse_args()
 
     with fresh_schema(args.database) as url, contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="buildfleet-replicas-") as shared:
-        config = replica_config(url, Path(shared))
+        config = replica_config(url, Path(shared), args.action_cache)
         servers = [stack.enter_context(spawned_server(config=config))
                    for _ in range(args.replicas)]
         addresses = [address for address, _ in servers]

@@ -10,11 +10,14 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
+import psycopg
 import pytest
 from botkit import wait_for
 from google.protobuf.any_pb2 import Any as AnyProto
 from google.rpc import code_pb2
+from psycopg.rows import dict_row
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import Digest
@@ -22,7 +25,7 @@ from buildfleet.errors import InvalidArgument, NotFound
 from buildfleet.scheduler.model import BotStatus, LeaseState, Stage
 from buildfleet.scheduler.postgres import Database, PostgresSettings
 from buildfleet.scheduler.protos import ACTION_RESULT_URL
-from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler
+from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler, _TxEffects
 from buildfleet.scheduler.scheduler import ReportedLease
 from buildfleet.scheduler.settings import SchedulerSettings
 
@@ -244,3 +247,60 @@ async def test_a_submission_just_after_success_joins_the_finished_job(
         again = await b.submit(digest, message, LINUX)
         assert (again.job.id == first.job.id) is joined
         assert again.done is joined
+
+
+async def test_a_submission_racing_the_completion_joins_the_finished_job(
+        replicas: list[Replica], pg_url: str) -> None:
+    """A submission whose statement began before the first job's completion committed
+    (it cannot see the success yet) must still join that job, not queue another."""
+    a, b = replicas[0].scheduler, replicas[1].scheduler
+    digest, message = action(50)
+    first = await a.submit(digest, message, LINUX)
+    application = dict(parse_qsl(urlsplit(pg_url).query))["application_name"]
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        async with conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute("SELECT * FROM grid_jobs WHERE id = %s FOR UPDATE",
+                                 (first.job.id,))
+            row = await cursor.fetchone()
+            assert row is not None
+            response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
+            await a._complete(conn, row, response.SerializeToString(), _TxEffects(),
+                              worker="bot-x", succeeded=True)
+            # The completion is written, not committed: the submission waits for it.
+            racing = asyncio.create_task(b.submit(digest, message, LINUX))
+
+            async def submission_waits() -> bool:
+                async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c:
+                    cursor = await c.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+                        "AND wait_event_type = 'Lock'", (application,))
+                    found = await cursor.fetchone()
+                    return bool(found and found[0])
+
+            await wait_for(submission_waits, 10, "the submission waiting for the completion")
+        again = await asyncio.wait_for(racing, 10)
+        assert again.job.id == first.job.id and again.done
+        cursor = await conn.execute(
+            "SELECT count(*) FROM grid_jobs WHERE action_hash = %s", (digest.hash,))
+        assert await cursor.fetchone() == (1,)
+
+
+async def test_skipping_the_cache_right_after_success_runs_the_action_again(
+        replicas: list[Replica]) -> None:
+    a, b = replicas[0].scheduler, replicas[1].scheduler
+    session = await a.create_session("bot-s", status=BotStatus.OK, properties=LINUX,
+                                     capacity=1)
+    digest, message = action(60)
+    first = await a.submit(digest, message, LINUX)
+    _, [lease] = await a.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
+                                        leases=[], wait=0)
+    await a.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
+                           leases=[completed(lease.id)], wait=0)
+    again = await b.submit(digest, message, LINUX, skip_cache_lookup=True)
+    assert again.job.id != first.job.id and not again.done
+    joined = await a.submit(digest, message, LINUX, skip_cache_lookup=True)
+    assert joined.job.id == again.job.id  # the new run is in flight: joined
+    _, [lease] = await b.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
+                                        leases=[], wait=0)
+    assert lease.job.id == again.job.id

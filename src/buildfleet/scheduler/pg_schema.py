@@ -134,4 +134,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, hash, size)
     );
     """,
+    # version 4: a job that succeeded keeps its action's slot in the unique index
+    # for a moment (`dedup`, cleared by housekeeping), so that a submission racing
+    # with its completion joins it instead of queuing the action again.
+    """
+    ALTER TABLE grid_jobs ADD COLUMN dedup boolean NOT NULL DEFAULT false;
+    DROP INDEX grid_jobs_in_flight;
+    CREATE UNIQUE INDEX grid_jobs_dedup ON grid_jobs (instance, action_hash, action_size)
+        WHERE cacheable AND (stage <> 4 OR dedup);
+    CREATE INDEX grid_jobs_dedup_finished ON grid_jobs (instance, completed_at) WHERE dedup;
+    """,
 ]

@@ -208,10 +208,22 @@ class Database:
             raise unavailable(error, self.settings) from error
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """`connection()` inside one transaction, committed when the block ends."""
-        async with self.connection() as conn, conn.transaction():
-            yield conn
+    async def transaction(self, *, pipeline: bool = False
+                          ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """`connection()` inside one transaction, committed when the block ends.
+
+        With `pipeline`, statements are sent without waiting for their results
+        until one is fetched (psycopg's pipeline mode): BEGIN, the statements
+        between two fetches and COMMIT then cost one round trip together.  An
+        error may then surface at a later statement than the one that caused it.
+        """
+        async with self.connection() as conn:
+            if pipeline:
+                async with conn.pipeline(), conn.transaction():
+                    yield conn
+            else:
+                async with conn.transaction():
+                    yield conn
 
     async def listen_connection(self) -> psycopg.AsyncConnection[Any]:
         """A new autocommit connection outside the pool (for LISTEN); the caller closes it."""

@@ -98,7 +98,11 @@ NOW = "(extract(epoch from clock_timestamp())::float8)"
 RESYNC = 10.0  # seconds a watcher waits for a notification before reading again anyway
 TX_ATTEMPTS = 5  # tries of a transaction that PostgreSQL aborted (deadlock, serialization)
 MAX_EVENTS = 100  # bot events kept per session
-JUST_FINISHED = 10.0  # seconds a succeeded job still answers identical submissions
+# Seconds a succeeded job still answers identical submissions.  For that long it
+# also keeps its place in the unique index (`dedup`): a submission whose
+# statement began before the completion committed waits for it on the index,
+# finds the slot taken, and joins the finished job rather than queuing again.
+JUST_FINISHED = 10.0
 
 LIVE_STATES = (int(LeaseState.PENDING), int(LeaseState.ACTIVE))
 
@@ -122,9 +126,37 @@ SUBMIT_CACHEABLE = f"""
         SELECT %(id)s, %(instance)s, %(hash)s, %(size)s, %(action)s, %(requirements)s::jsonb,
                %(priority)s, true, %(timeout)s, {NOW}, 2
         WHERE NOT EXISTS (SELECT 1 FROM recent)
-        ON CONFLICT (instance, action_hash, action_size) WHERE cacheable AND stage <> 4
+        ON CONFLICT (instance, action_hash, action_size) WHERE cacheable AND (stage <> 4 OR dedup)
         DO NOTHING RETURNING id)
     SELECT (SELECT id FROM inserted), (SELECT id FROM recent), (SELECT response FROM recent)"""
+# SUBMIT_CACHEABLE as one statement that also records the operation and announces
+# new work: no transaction block, one round trip.  Nothing changes when the
+# action is in flight already (the three ids are then NULL) and the caller falls
+# back to the transaction that joins it.  Returns (inserted id, recent id,
+# recent response, notifications sent).
+SUBMIT_CACHEABLE_AT_ONCE = f"""
+    WITH recent AS (
+        SELECT id, response FROM grid_jobs
+        WHERE instance = %(instance)s AND action_hash = %(hash)s AND action_size = %(size)s
+          AND cacheable AND succeeded AND completed_at > {NOW} - %(window)s
+        ORDER BY completed_at DESC LIMIT 1),
+    inserted AS (
+        INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
+                               priority, cacheable, timeout, queued_at, stage)
+        SELECT %(id)s, %(instance)s, %(hash)s, %(size)s, %(action)s, %(requirements)s::jsonb,
+               %(priority)s, true, %(timeout)s, {NOW}, 2
+        WHERE NOT EXISTS (SELECT 1 FROM recent)
+        ON CONFLICT (instance, action_hash, action_size) WHERE cacheable AND (stage <> 4 OR dedup)
+        DO NOTHING RETURNING id),
+    target AS (
+        SELECT id FROM inserted UNION ALL SELECT id FROM recent),
+    operation AS (
+        INSERT INTO grid_operations (name, instance, job_id, created_at)
+        SELECT %(operation)s, %(instance)s, id, {NOW} FROM target),
+    announced AS (
+        SELECT pg_notify(%(channel)s, %(payload)s) FROM inserted)
+    SELECT (SELECT id FROM inserted), (SELECT id FROM recent), (SELECT response FROM recent),
+           (SELECT count(*) FROM announced)"""
 SUBMIT_UNCACHEABLE = f"""
     INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
                            priority, cacheable, timeout, queued_at, stage)
@@ -360,12 +392,15 @@ class ReplicatedScheduler:
 
     # ------------------------------------------------------------ transactions
     async def _transaction(self, body: Callable[[psycopg.AsyncConnection[Any], _TxEffects],
-                                                Awaitable[T]]) -> T:
-        """Run `body` in a transaction, announce its effects after commit, retry races."""
+                                                Awaitable[T]], *, pipeline: bool = False) -> T:
+        """Run `body` in a transaction, announce its effects after commit, retry races.
+
+        With `pipeline` (see Database.transaction), statements whose results
+        `body` does not fetch ride along with the next round trip."""
         for attempt in range(TX_ATTEMPTS):
             effects = _TxEffects()
             try:
-                async with self.db.transaction() as conn:
+                async with self.db.transaction(pipeline=pipeline) as conn:
                     result = await body(conn, effects)
                     await self._announce(conn, effects)
                 self._queued = max(0, self._queued + effects.queued)
@@ -418,12 +453,21 @@ class ReplicatedScheduler:
                   "cacheable": cacheable, "timeout": timeout,
                   "window": 0.0 if skip_cache_lookup else JUST_FINISHED}
 
+        if cacheable and self._queued < self.settings.max_queued:
+            submitted = await self._submit_at_once(job, params, name, requirements_json)
+            if submitted is not None:
+                target = submitted
+                operation = Operation(name=name, instance=self.instance, job=target,
+                                      created_at=time.time())
+                target.operations.add(name)
+                return operation
+
         async def body(conn: psycopg.AsyncConnection[Any], effects: _TxEffects) -> Job:
             target = job
             if self._queued >= self.settings.max_queued:
                 # Joining an action already queued adds nothing: still accepted.
                 joined = await self._join(conn, action_digest, priority, effects)
-                if joined is None:
+                if joined is None or (joined.done and skip_cache_lookup):
                     raise ResourceExhausted(
                         f"instance {self.instance!r} has {self._queued} queued actions, its "
                         "limit; retry later")
@@ -448,7 +492,19 @@ class ReplicatedScheduler:
                     joined = await self._join(conn, action_digest, priority, effects)
                     if joined is None:
                         raise _Retry("the identical action finished meanwhile")
-                    target = joined
+                    if joined.done and skip_cache_lookup:
+                        # It succeeded just now, but this client wants a fresh run:
+                        # free the action's slot and queue it again.
+                        await conn.execute("UPDATE grid_jobs SET dedup = false WHERE id = %s",
+                                           (joined.id,))
+                        cursor = await conn.execute(SUBMIT_CACHEABLE, params)
+                        inserted, _, _ = await cursor.fetchone() or (None, None, None)
+                        if inserted is None:
+                            raise _Retry("the identical action was queued meanwhile")
+                        effects.work.add((self.instance, requirements_json))
+                        effects.queued += 1
+                    else:
+                        target = joined
             await conn.execute(
                 f"INSERT INTO grid_operations (name, instance, job_id, created_at) "
                 f"VALUES (%s, %s, %s, {NOW})", (name, self.instance, target.id))
@@ -460,17 +516,49 @@ class ReplicatedScheduler:
         target.operations.add(name)
         return operation
 
+    async def _submit_at_once(self, job: Job, params: dict[str, Any], name: str,
+                              requirements_json: str) -> Job | None:
+        """The common case of a cacheable submission in one statement (see
+        SUBMIT_CACHEABLE_AT_ONCE): `job` when it was queued, the job that succeeded
+        a moment ago when that answers, None when the action is in flight already
+        (nothing was written: join it in a transaction)."""
+        statement = {**params, "operation": name, "channel": self.grid.channels["work"],
+                     "payload": f"{self.instance}\x1f{requirements_json}"}
+        for attempt in range(TX_ATTEMPTS):
+            try:
+                async with self.db.connection() as conn:
+                    cursor = await conn.execute(SUBMIT_CACHEABLE_AT_ONCE, statement)
+                    inserted, recent, response, _ = await cursor.fetchone() or (None,) * 4
+                break
+            except Exception as error:
+                if attempt + 1 < TX_ATTEMPTS and _is_transient(error):
+                    await asyncio.sleep(0.005 * (attempt + 1))
+                    continue
+                raise
+        if inserted is not None:
+            self._queued += 1
+            return job
+        if recent is not None:  # see submit's transaction
+            return dataclasses.replace(job, id=recent, stage=Stage.COMPLETED,
+                                       response=bytes(response or b""))
+        return None
+
     async def _join(self, conn: psycopg.AsyncConnection[Any], action_digest: Digest,
                     priority: int, effects: _TxEffects) -> Job | None:
-        """The unfinished cacheable job for `action_digest` (raising its priority), if any."""
+        """The cacheable job holding `action_digest`'s place in the unique index, locked:
+        unfinished (its priority raised to `priority` if that is more urgent), or
+        succeeded a moment ago (see JUST_FINISHED).  None when there is none."""
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             f"SELECT {JOB_COLUMNS} FROM grid_jobs j WHERE j.instance = %s "
-            "AND j.action_hash = %s AND j.action_size = %s AND j.cacheable AND j.stage <> 4 "
-            "FOR UPDATE", (self.instance, action_digest.hash, action_digest.size_bytes))
+            "AND j.action_hash = %s AND j.action_size = %s AND j.cacheable "
+            "AND (j.stage <> 4 OR j.dedup) FOR UPDATE",
+            (self.instance, action_digest.hash, action_digest.size_bytes))
         row = await cursor.fetchone()
         if row is None:
             return None
+        if row["stage"] == Stage.COMPLETED:
+            return self._job(row)
         if priority < row["priority"]:
             await conn.execute("UPDATE grid_jobs SET priority = %s WHERE id = %s",
                                (priority, row["id"]))
@@ -689,11 +777,18 @@ class ReplicatedScheduler:
         row = await cursor.fetchone()
         return None if row is None else str(row[0])
 
-    async def _lock_session(self, conn: psycopg.AsyncConnection[Any], name: str) -> Row:
+    async def _lock_session(self, conn: psycopg.AsyncConnection[Any], name: str,
+                            then: Callable[[], Awaitable[object]] | None = None) -> Row:
+        """The session's row, locked; InvalidArgument when it is closed or unknown.
+
+        `then` sends the next statement before the row is read (in a pipelined
+        transaction, both go in one round trip)."""
         cursor = conn.cursor(row_factory=dict_row)
         await cursor.execute(
             "SELECT * FROM grid_sessions WHERE name = %s AND instance = %s FOR UPDATE",
             (name, self.instance))
+        if then is not None:
+            await then()
         row = await cursor.fetchone()
         if row is None:
             reason = await self._closed_reason(conn, name)
@@ -720,7 +815,8 @@ class ReplicatedScheduler:
             report = _Report(bot_id=bot_id, status=status, leases=leases, properties=properties,
                              capacity=capacity, worker=worker)
             outcome = await self._transaction(
-                lambda conn, effects: self._update_tx(conn, effects, name, report, wait > 0))
+                lambda conn, effects: self._update_tx(conn, effects, name, report, wait > 0),
+                pipeline=True)
             if outcome.response is None:
                 waiting.properties = outcome.session.properties
                 if outcome.holds:
@@ -729,7 +825,8 @@ class ReplicatedScheduler:
                     async with asyncio.timeout(wait):
                         await waiting.event.wait()
                 outcome = await self._transaction(
-                    lambda conn, effects: self._update_tx(conn, effects, name, None, False))
+                    lambda conn, effects: self._update_tx(conn, effects, name, None, False),
+                    pipeline=True)
             assert outcome.response is not None
             self._seen(outcome.session)
             return outcome.session, outcome.response
@@ -744,14 +841,17 @@ class ReplicatedScheduler:
                          name: str, report: _Report | None, may_wait: bool) -> _Outcome:
         """One step of an UpdateBotSession: apply the report (if any), assign work and,
         when there is anything to say or no waiting is wanted, build the response."""
-        row = await self._lock_session(conn, name)
+        cursor = conn.cursor(row_factory=dict_row)
+
+        async def select_held() -> None:
+            await cursor.execute(
+                f"SELECT {JOB_COLUMNS} FROM grid_jobs j WHERE j.lease_session = %s "
+                "ORDER BY j.seq FOR UPDATE", (name,))
+
+        row = await self._lock_session(conn, name, then=select_held)
         if report is not None and report.bot_id and report.bot_id != row["bot_id"]:
             raise InvalidArgument(f"bot session {name!r} belongs to bot {row['bot_id']!r}, "
                                   f"not {report.bot_id!r}")
-        cursor = conn.cursor(row_factory=dict_row)
-        await cursor.execute(
-            f"SELECT {JOB_COLUMNS} FROM grid_jobs j WHERE j.lease_session = %s ORDER BY j.seq "
-            "FOR UPDATE", (name,))
         rows = await cursor.fetchall()
         held = {r["lease_id"]: r for r in rows
                 if r["stage"] == Stage.EXECUTING and r["lease_state"] in LIVE_STATES}
@@ -784,15 +884,16 @@ class ReplicatedScheduler:
         respond = changed or not may_wait
         answer = await self._respond(conn, session, held, notices) if respond else None
         # One write of the session per step: what the bot reported, that it was
-        # seen now, and (when answering) the version it will echo.
-        await cursor.execute(
+        # seen now, and (when answering) the version it will echo.  The row is
+        # locked, so the new version is known without reading it back (and the
+        # statement goes with the commit).
+        await conn.execute(
             f"""UPDATE grid_sessions SET status = %s, properties = %s::jsonb, capacity = %s,
-                    worker = %s, last_seen = {NOW}, version = version + %s
-                WHERE name = %s RETURNING version""",
+                    worker = %s, last_seen = {NOW}, version = %s
+                WHERE name = %s""",
             (int(session.status), properties_json(session.properties), session.capacity,
-             session.worker_proto, int(respond), name))
-        version = await cursor.fetchone()
-        session.version = version["version"] if version else session.version
+             session.worker_proto, row["version"] + int(respond), name))
+        session.version = row["version"] + int(respond)
         return _Outcome(session=session, response=answer, holds=bool(held))
 
     async def _apply_report(self, conn: psycopg.AsyncConnection[Any], effects: _TxEffects,
@@ -1047,8 +1148,9 @@ class ReplicatedScheduler:
             await conn.execute(
                 f"""UPDATE grid_jobs SET stage = 4, response = %s, completed_at = {NOW},
                         lease_session = NULL, lease_state = NULL, started_at = NULL,
-                        worker = COALESCE(%s, worker), succeeded = %s
-                    WHERE id = %s""", (response, worker, succeeded, row["id"]))
+                        worker = COALESCE(%s, worker), succeeded = %s,
+                        dedup = %s AND cacheable
+                    WHERE id = %s""", (response, worker, succeeded, succeeded, row["id"]))
         effects.jobs.add(row["id"])
 
     async def _close_session(self, conn: psycopg.AsyncConnection[Any], row: Row, reason: str,
@@ -1252,6 +1354,10 @@ class ReplicatedScheduler:
 
     async def _forget_old_tx(self, conn: psycopg.AsyncConnection[Any], _: _TxEffects) -> None:
         retention = self.settings.completed_retention
+        await conn.execute(
+            f"""UPDATE grid_jobs SET dedup = false
+                WHERE instance = %s AND dedup AND completed_at < {NOW} - %s""",
+            (self.instance, JUST_FINISHED))
         await conn.execute(
             f"""DELETE FROM grid_operations o USING grid_jobs j
                 WHERE o.instance = %s AND j.id = o.job_id AND (
