@@ -113,8 +113,8 @@ JOB_COLUMNS = (
     "j.last_failure, j.completed_at, j.worker")
 
 # A new job, unless one for the same action is in flight (the unique index) or
-# succeeded a moment ago.  Returns (inserted id, recent id, recent response).
-SUBMIT_CACHEABLE = f"""
+# succeeded a moment ago: the common part of the two submissions below.
+_NEW_CACHEABLE_JOB = f"""
     WITH recent AS (
         SELECT id, response FROM grid_jobs
         WHERE instance = %(instance)s AND action_hash = %(hash)s AND action_size = %(size)s
@@ -127,27 +127,16 @@ SUBMIT_CACHEABLE = f"""
                %(priority)s, true, %(timeout)s, {NOW}, 2
         WHERE NOT EXISTS (SELECT 1 FROM recent)
         ON CONFLICT (instance, action_hash, action_size) WHERE cacheable AND (stage <> 4 OR dedup)
-        DO NOTHING RETURNING id)
+        DO NOTHING RETURNING id)"""
+# Returns (inserted id, recent id, recent response).
+SUBMIT_CACHEABLE = _NEW_CACHEABLE_JOB + """
     SELECT (SELECT id FROM inserted), (SELECT id FROM recent), (SELECT response FROM recent)"""
-# SUBMIT_CACHEABLE as one statement that also records the operation and announces
-# new work: no transaction block, one round trip.  Nothing changes when the
-# action is in flight already (the three ids are then NULL) and the caller falls
-# back to the transaction that joins it.  Returns (inserted id, recent id,
-# recent response, notifications sent).
-SUBMIT_CACHEABLE_AT_ONCE = f"""
-    WITH recent AS (
-        SELECT id, response FROM grid_jobs
-        WHERE instance = %(instance)s AND action_hash = %(hash)s AND action_size = %(size)s
-          AND cacheable AND succeeded AND completed_at > {NOW} - %(window)s
-        ORDER BY completed_at DESC LIMIT 1),
-    inserted AS (
-        INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
-                               priority, cacheable, timeout, queued_at, stage)
-        SELECT %(id)s, %(instance)s, %(hash)s, %(size)s, %(action)s, %(requirements)s::jsonb,
-               %(priority)s, true, %(timeout)s, {NOW}, 2
-        WHERE NOT EXISTS (SELECT 1 FROM recent)
-        ON CONFLICT (instance, action_hash, action_size) WHERE cacheable AND (stage <> 4 OR dedup)
-        DO NOTHING RETURNING id),
+# The same as one statement that also records the operation and announces new
+# work: no transaction block, one round trip.  Nothing changes when the action is
+# in flight already (the ids are then NULL) and the caller falls back to the
+# transaction that joins it.  Returns (inserted id, recent id, recent response,
+# notifications sent).
+SUBMIT_CACHEABLE_AT_ONCE = _NEW_CACHEABLE_JOB + f""",
     target AS (
         SELECT id FROM inserted UNION ALL SELECT id FROM recent),
     operation AS (
@@ -200,6 +189,20 @@ def _is_transient(error: BaseException) -> bool:
             return True
         cause = cause.__cause__
     return False
+
+
+async def _retrying(attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`, tried again (up to TX_ATTEMPTS times) while PostgreSQL aborts it
+    for a transient reason (deadlock, serialization failure, `_Retry`)."""
+    for number in range(1, TX_ATTEMPTS + 1):
+        try:
+            return await attempt()
+        except Exception as error:
+            if number < TX_ATTEMPTS and _is_transient(error):
+                await asyncio.sleep(0.005 * number)
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -397,20 +400,15 @@ class ReplicatedScheduler:
 
         With `pipeline` (see Database.transaction), statements whose results
         `body` does not fetch ride along with the next round trip."""
-        for attempt in range(TX_ATTEMPTS):
+        async def attempt() -> T:
             effects = _TxEffects()
-            try:
-                async with self.db.transaction(pipeline=pipeline) as conn:
-                    result = await body(conn, effects)
-                    await self._announce(conn, effects)
-                self._queued = max(0, self._queued + effects.queued)
-                return result
-            except Exception as error:
-                if attempt + 1 < TX_ATTEMPTS and _is_transient(error):
-                    await asyncio.sleep(0.005 * (attempt + 1))
-                    continue
-                raise
-        raise AssertionError("unreachable")
+            async with self.db.transaction(pipeline=pipeline) as conn:
+                result = await body(conn, effects)
+                await self._announce(conn, effects)
+            self._queued = max(0, self._queued + effects.queued)
+            return result
+
+        return await _retrying(attempt)
 
     async def _announce(self, conn: psycopg.AsyncConnection[Any], effects: _TxEffects) -> None:
         """NOTIFY inside the transaction: PostgreSQL delivers it at commit, or never."""
@@ -524,17 +522,12 @@ class ReplicatedScheduler:
         (nothing was written: join it in a transaction)."""
         statement = {**params, "operation": name, "channel": self.grid.channels["work"],
                      "payload": f"{self.instance}\x1f{requirements_json}"}
-        for attempt in range(TX_ATTEMPTS):
-            try:
-                async with self.db.connection() as conn:
-                    cursor = await conn.execute(SUBMIT_CACHEABLE_AT_ONCE, statement)
-                    inserted, recent, response, _ = await cursor.fetchone() or (None,) * 4
-                break
-            except Exception as error:
-                if attempt + 1 < TX_ATTEMPTS and _is_transient(error):
-                    await asyncio.sleep(0.005 * (attempt + 1))
-                    continue
-                raise
+        async def attempt() -> tuple[Any, ...]:
+            async with self.db.connection() as conn:
+                cursor = await conn.execute(SUBMIT_CACHEABLE_AT_ONCE, statement)
+                return await cursor.fetchone() or (None,) * 4
+
+        inserted, recent, response, _ = await _retrying(attempt)
         if inserted is not None:
             self._queued += 1
             return job
