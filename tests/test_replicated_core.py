@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import Digest
 from buildfleet.errors import InvalidArgument, NotFound
+from buildfleet.scheduler import replicated as replicated_module
 from buildfleet.scheduler.model import BotStatus, LeaseState, Stage
 from buildfleet.scheduler.postgres import Database, PostgresSettings
 from buildfleet.scheduler.protos import ACTION_RESULT_URL
@@ -304,3 +305,19 @@ async def test_skipping_the_cache_right_after_success_runs_the_action_again(
     _, [lease] = await b.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
                                         leases=[], wait=0)
     assert lease.job.id == again.job.id
+
+
+async def test_a_queued_operation_nobody_watches_is_not_listened_for_forever(
+        replicas: list[Replica], monkeypatch: pytest.MonkeyPatch) -> None:
+    a = replicas[0].scheduler
+    digest, message = action(70)
+    watched = await a.submit(digest, message, LINUX)
+    unwatched = await a.submit(*action(71), LINUX)
+    watcher = a.watch(watched)
+    assert not (await anext(watcher)).done
+    monkeypatch.setattr(replicated_module, "RESYNC", 0.0)
+    a._forget_unwatched()
+    assert unwatched.job.id not in a._watchers  # the client never came to watch
+    assert watched.job.id in a._watchers
+    await watcher.aclose()
+    assert watched.job.id not in a._watchers

@@ -335,6 +335,10 @@ class ReplicatedScheduler:
         self._waiting: dict[str, _Waiting] = {}  # session name -> its long-poll here
         self._open_calls: Counter[str] = Counter()  # session name -> calls open here
         self._watchers: dict[str, tuple[Notifier, int]] = {}  # job id -> (notifier, users)
+        # Operations of jobs this replica just queued, registered for notifications
+        # before the job existed, so that `watch` need not read them back:
+        # operation name -> (job id, waiter, monotonic time).
+        self._fresh: dict[str, tuple[str, asyncio.Event, float]] = {}
         # Grid-wide live sessions by name, read each tick (and on calls served here).
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
@@ -452,12 +456,20 @@ class ReplicatedScheduler:
                   "window": 0.0 if skip_cache_lookup else JUST_FINISHED}
 
         if cacheable and self._queued < self.settings.max_queued:
-            submitted = await self._submit_at_once(job, params, name, requirements_json)
+            # Listening for the job's changes before it exists: none can be missed.
+            waiter = self._notifier(job.id).waiter()
+            submitted: Job | None = None
+            try:
+                submitted = await self._submit_at_once(job, params, name, requirements_json)
+            finally:
+                if submitted is not job:
+                    self._release(job.id)
+            if submitted is job:
+                self._fresh[name] = (job.id, waiter, time.monotonic())
             if submitted is not None:
-                target = submitted
-                operation = Operation(name=name, instance=self.instance, job=target,
+                operation = Operation(name=name, instance=self.instance, job=submitted,
                                       created_at=time.time())
-                target.operations.add(name)
+                submitted.operations.add(name)
                 return operation
 
         async def body(conn: psycopg.AsyncConnection[Any], effects: _TxEffects) -> Job:
@@ -645,14 +657,18 @@ class ReplicatedScheduler:
     async def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]:
         """Snapshots of the operation: now, then after each change, until it is done."""
         job_id = operation.job.id
-        notifier = self._notifier(job_id)
+        fresh = self._fresh.pop(operation.name, None)
+        notifier = self._watchers[job_id][0] if fresh else self._notifier(job_id)
         try:
             last: tuple[bool, Stage] | None = None
             # Read again now that notifications reach this watcher: a change made
             # since `operation` was read would otherwise go unnoticed until RESYNC.
-            current: Operation | None = operation if operation.done else None
+            # (Not for an operation this replica just queued: its watcher was
+            # registered before the job existed.)
+            current: Operation | None = operation if operation.done or fresh else None
             while True:
-                waiter = notifier.waiter()
+                waiter = fresh[1] if fresh else notifier.waiter()
+                fresh = None
                 if current is None:
                     current = await self._load_operation(operation.name)
                     if current is None:
@@ -1256,6 +1272,7 @@ class ReplicatedScheduler:
         await self._expire_leases()
         await self._fail_unmatched()
         await self._forget_old()
+        self._forget_unwatched()
         await self._refresh()
         await self._rescue_waiters()
 
@@ -1341,6 +1358,15 @@ class ReplicatedScheduler:
                     f"properties {described}"), effects)
 
         await self._transaction(body)
+
+    def _forget_unwatched(self) -> None:
+        """Release the registrations of queued operations nobody came to watch (the
+        client went away between submission and watching)."""
+        cutoff = time.monotonic() - RESYNC
+        for name, (job_id, _, registered) in list(self._fresh.items()):
+            if registered < cutoff:
+                del self._fresh[name]
+                self._release(job_id)
 
     async def _forget_old(self) -> None:
         await self._transaction(self._forget_old_tx)
