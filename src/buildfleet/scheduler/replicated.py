@@ -205,6 +205,15 @@ async def _retrying(attempt: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+def _just_finished(job: Job, recent: str, response: bytes | None) -> Job:
+    """The job `recent`, which succeeded moments ago, answering the submission of `job`.
+
+    Execute looked in the action cache just before it finished (a client retrying,
+    on another replica, the Execute whose replica died is the usual case)."""
+    return dataclasses.replace(job, id=recent, stage=Stage.COMPLETED,
+                               response=bytes(response or b""))
+
+
 @dataclass
 class _Waiting:
     """A bot session long-polling on this replica."""
@@ -455,24 +464,18 @@ class ReplicatedScheduler:
                   "cacheable": cacheable, "timeout": timeout,
                   "window": 0.0 if skip_cache_lookup else JUST_FINISHED}
 
-        if cacheable and self._queued < self.settings.max_queued:
-            # Listening for the job's changes before it exists: none can be missed.
-            waiter = self._notifier(job.id).waiter()
-            submitted: Job | None = None
-            try:
-                submitted = await self._submit_at_once(job, params, name, requirements_json)
-            finally:
-                if submitted is not job:
-                    self._release(job.id)
-            if submitted is job:
-                self._fresh[name] = (job.id, waiter, time.monotonic())
-            if submitted is not None:
-                operation = Operation(name=name, instance=self.instance, job=submitted,
-                                      created_at=time.time())
-                submitted.operations.add(name)
-                return operation
-
         async def body(conn: psycopg.AsyncConnection[Any], effects: _TxEffects) -> Job:
+            def queued_new() -> None:
+                effects.work.add((self.instance, requirements_json))
+                effects.queued += 1
+
+            async def insert_cacheable() -> tuple[Any, ...]:
+                cursor = await conn.execute(SUBMIT_CACHEABLE, params)
+                found = await cursor.fetchone() or (None, None, None)
+                if found[0] is not None:
+                    queued_new()
+                return found
+
             target = job
             if self._queued >= self.settings.max_queued:
                 # Joining an action already queued adds nothing: still accepted.
@@ -484,21 +487,12 @@ class ReplicatedScheduler:
                 target = joined
             elif not cacheable:
                 await conn.execute(SUBMIT_UNCACHEABLE, params)
-                effects.work.add((self.instance, requirements_json))
-                effects.queued += 1
+                queued_new()
             else:
-                cursor = await conn.execute(SUBMIT_CACHEABLE, params)
-                inserted, recent, response = await cursor.fetchone() or (None, None, None)
-                if inserted is not None:
-                    effects.work.add((self.instance, requirements_json))
-                    effects.queued += 1
-                elif recent is not None:
-                    # Succeeded moments ago: Execute looked in the action cache just
-                    # before it finished (a client retrying, on another replica, the
-                    # Execute whose replica died is the usual case).
-                    target = dataclasses.replace(job, id=recent, stage=Stage.COMPLETED,
-                                                 response=bytes(response or b""))
-                else:  # in flight already (queued by this or another replica)
+                inserted, recent, response = await insert_cacheable()
+                if inserted is None and recent is not None:
+                    target = _just_finished(job, recent, response)
+                elif inserted is None:  # in flight already (queued here or elsewhere)
                     joined = await self._join(conn, action_digest, priority, effects)
                     if joined is None:
                         raise _Retry("the identical action finished meanwhile")
@@ -507,12 +501,8 @@ class ReplicatedScheduler:
                         # free the action's slot and queue it again.
                         await conn.execute("UPDATE grid_jobs SET dedup = false WHERE id = %s",
                                            (joined.id,))
-                        cursor = await conn.execute(SUBMIT_CACHEABLE, params)
-                        inserted, _, _ = await cursor.fetchone() or (None, None, None)
-                        if inserted is None:
+                        if (await insert_cacheable())[0] is None:
                             raise _Retry("the identical action was queued meanwhile")
-                        effects.work.add((self.instance, requirements_json))
-                        effects.queued += 1
                     else:
                         target = joined
             await conn.execute(
@@ -520,7 +510,19 @@ class ReplicatedScheduler:
                 f"VALUES (%s, %s, %s, {NOW})", (name, self.instance, target.id))
             return target
 
-        target = await self._transaction(body)
+        target: Job | None = None
+        if cacheable and self._queued < self.settings.max_queued:
+            # Listening for the job's changes before it exists: none can be missed.
+            waiter = self._notifier(job.id).waiter()
+            try:
+                target = await self._submit_at_once(job, params, name, requirements_json)
+            finally:
+                if target is not job:
+                    self._release(job.id)
+            if target is job:
+                self._fresh[name] = (job.id, waiter, time.monotonic())
+        if target is None:
+            target = await self._transaction(body)
         operation = Operation(name=name, instance=self.instance, job=target,
                               created_at=time.time())
         target.operations.add(name)
@@ -543,9 +545,8 @@ class ReplicatedScheduler:
         if inserted is not None:
             self._queued += 1
             return job
-        if recent is not None:  # see submit's transaction
-            return dataclasses.replace(job, id=recent, stage=Stage.COMPLETED,
-                                       response=bytes(response or b""))
+        if recent is not None:
+            return _just_finished(job, recent, response)
         return None
 
     async def _join(self, conn: psycopg.AsyncConnection[Any], action_digest: Digest,

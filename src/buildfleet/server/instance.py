@@ -96,6 +96,13 @@ class Instances:
             await store.close()
 
 
+def _bounded(store: BlobStore, ref: DiskStorage | PostgresStorage) -> BlobStore:
+    """`store` behind the size limit that its storage declares, if any."""
+    if ref.max_size is None:
+        return store
+    return SizeLimitedStore(store, int(ref.max_size), rescan_interval=ref.rescan_interval)
+
+
 def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
                 named: dict[str, BlobStore], created: list[BlobStore]) -> BlobStore:
     """Create (or reuse, for a named storage) the store a reference describes."""
@@ -106,10 +113,8 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
     store: BlobStore
     if isinstance(ref, DiskStorage):
         path = Path(ref.path)
-        store = DiskStore(path if path.is_absolute() else data_dir / path, fsync=ref.fsync)
-        if ref.max_size is not None:
-            store = SizeLimitedStore(store, int(ref.max_size),
-                                     rescan_interval=ref.rescan_interval)
+        store = _bounded(DiskStore(path if path.is_absolute() else data_dir / path,
+                                   fsync=ref.fsync), ref)
     elif isinstance(ref, MemoryStorage):
         store = SizeLimitedStore(MemoryStore(), int(ref.max_size))
     elif isinstance(ref, SizeLimitedStorage):
@@ -120,10 +125,7 @@ def build_store(config: ServerConfig, ref: StorageRef, data_dir: Path,
     elif isinstance(ref, RemoteStorage):
         store = RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout)
     elif isinstance(ref, PostgresStorage):
-        store = PostgresStore(postgres_settings(config), namespace=ref.namespace)
-        if ref.max_size is not None:
-            store = SizeLimitedStore(store, int(ref.max_size),
-                                     rescan_interval=ref.rescan_interval)
+        store = _bounded(PostgresStore(postgres_settings(config), namespace=ref.namespace), ref)
     elif isinstance(ref, ReadCacheStorage):
         backend = build_store(config, ref.backend, data_dir, named, created)
         cache = build_store(config, ref.cache, data_dir, named, created)
