@@ -78,17 +78,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 @pytest.fixture
 def scheduler_kind(request: pytest.FixtureRequest) -> str:
-    """Which scheduler `start_server` gives a server whose config names no `database`.
-
-    "memory" unless the module opts into both (above) or env
-    BUILDFLEET_TEST_SCHEDULER says "replicated".  A test marked
-    ``memory_scheduler_only`` (it inspects the in-memory scheduler's objects) is
-    skipped on the replicated one.
-    """
-    kind = getattr(request, "param", os.environ.get("BUILDFLEET_TEST_SCHEDULER", "memory"))
-    if kind == "replicated" and request.node.get_closest_marker("memory_scheduler_only"):
-        pytest.skip("inspects the in-memory scheduler's own objects")
-    return str(kind)
+    """Which scheduler `start_server` gives a server whose config names no `database`:
+    "memory" (the embedded strategy on SQLite) unless the module opts into both
+    (above) or env BUILDFLEET_TEST_SCHEDULER says "replicated"."""
+    return str(getattr(request, "param",
+                       os.environ.get("BUILDFLEET_TEST_SCHEDULER", "memory")))
 
 
 @pytest.fixture

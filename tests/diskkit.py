@@ -26,7 +26,6 @@ from typing import Any
 from buildfleet.digest import Digest
 from buildfleet.storage import Cas, DiskStore, SizeLimitedStore
 from buildfleet.storage.base import BlobReader, BlobStore, BlobWriter
-from buildfleet.storage.cas import put_each
 
 CHUNK = 256 * 1024
 
@@ -79,7 +78,7 @@ class _Worker:
     async def put(self, ids: list[int], how: str = "put") -> dict[str, Any]:
         store = self._store()
         if how == "batch":
-            errors = [str(e) for e in await put_each(store, [blob(n) for n in ids]) if e]
+            errors = [str(e) for e in await store.put_batch([blob(n) for n in ids]) if e]
             return {"errors": errors}
         for n in ids:
             digest, data = blob(n)

@@ -25,8 +25,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from buildfleet.scheduler.postgres import PostgresSchedulerStore, PostgresSettings, redact
-from buildfleet.scheduler.store import SchedulerStore, SqliteSchedulerStore
+from buildfleet.postgres import redact
+from buildfleet.scheduler.embedded import (
+    PostgresSchedulerStore,
+    SchedulerStore,
+    SqliteSchedulerStore,
+)
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -93,7 +97,7 @@ class StoreBackend:
         """A new store on the same rows (as a restarted server would open)."""
         if self.name == "sqlite":
             return SqliteSchedulerStore(Path(self.location))
-        return PostgresSchedulerStore(PostgresSettings(self.location))
+        return PostgresSchedulerStore(self.location)
 
     async def set_schema_version(self, version: int) -> None:
         """Mark the database as having schema `version` (as a newer buildfleet would)."""

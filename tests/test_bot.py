@@ -216,7 +216,13 @@ class Remote:
 def sessions_of(server: Any) -> dict[str, Any]:
     """bot_id -> live session in the in-process server's scheduler."""
     scheduler = server.server.instances.get("").scheduler
-    return {s.bot_id: s for s in scheduler.sessions.values() if not s.closed}
+    return {s.bot_id: s for s in scheduler.live_sessions()}
+
+
+def status_of(server: Any, bot_id: str) -> BotStatus | None:
+    """The status of the bot's live session, as the server has it now."""
+    session = sessions_of(server).get(bot_id)
+    return None if session is None else session.status
 
 
 def check_metadata(result: re_pb2.ActionResult, bot_id: str) -> None:
@@ -255,7 +261,7 @@ async def test_bot_registers_with_properties_capacity_and_device(start_server: A
     assert session.status == BotStatus.OK
     from buildfleet._proto.google.devtools.remoteworkers.v1test2 import worker_pb2
     worker = worker_pb2.Worker()
-    worker.ParseFromString(session.worker_proto)
+    worker.ParseFromString(session.worker)
     assert [d.handle for d in worker.devices] == [bot.bot_id]
     assert {(p.key, p.value) for p in worker.devices[0].properties} == expected
     assert {(c.key, c.value) for c in worker.configs} == {("capacity", "3")}
@@ -655,8 +661,9 @@ async def test_sigterm_lets_the_running_action_finish(start_server: Any, spawn_b
     await wait_for(started.exists, "the command to start")
     bot.signal(signal.SIGTERM)
     await bot.wait_log("finishing running actions")
-    session = await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
-    await wait_for(lambda: session.status == BotStatus.BOT_TERMINATING, "BOT_TERMINATING")
+    await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
+    await wait_for(lambda: getattr(sessions_of(server).get(bot.bot_id), "status", None)
+                   == BotStatus.BOT_TERMINATING, "BOT_TERMINATING")
     # A new action is not given to a terminating bot.
     queued = remote.execute(await remote.action("echo", "later"))
     assert bot.process.poll() is None
@@ -716,7 +723,7 @@ async def test_unhealthy_while_the_work_dir_is_unusable(start_server: Any,
     server = await grid_server(start_server)
     bot = spawn_bot(server.address, "--health-interval", "0.1")
     await bot.registered()
-    session = await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
+    await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
     actions = bot.work_dir / "actions"
 
     def replace_by_file() -> bool:
@@ -731,13 +738,13 @@ async def test_unhealthy_while_the_work_dir_is_unusable(start_server: Any,
         return actions.is_file()
 
     await wait_for(replace_by_file, "the work dir replaced by a file")
-    await wait_for(lambda: session.status == BotStatus.UNHEALTHY, "UNHEALTHY")
+    await wait_for(lambda: status_of(server, bot.bot_id) == BotStatus.UNHEALTHY, "UNHEALTHY")
     remote = Remote(server.channel)
     call = remote.execute(await remote.action("echo", "healthy"))
     operation = await remote.client.first_operation(call)
     assert Client.metadata(operation).stage == re_pb2.ExecutionStage.QUEUED
     actions.unlink()
-    await wait_for(lambda: session.status == BotStatus.OK, "OK again")
+    await wait_for(lambda: status_of(server, bot.bot_id) == BotStatus.OK, "OK again")
     response = await asyncio.wait_for(remote.client.result(call), WAIT)
     assert response.result.exit_code == 0
 
@@ -747,8 +754,8 @@ async def test_unhealthy_below_the_free_space_floor(start_server: Any,
     server = await grid_server(start_server)
     bot = spawn_bot(server.address, "--min-free-space", "1000PiB")
     await bot.wait_log("unhealthy: only")
-    session = await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
-    await wait_for(lambda: session.status == BotStatus.UNHEALTHY, "UNHEALTHY")
+    await wait_for(lambda: sessions_of(server).get(bot.bot_id), "the session")
+    await wait_for(lambda: status_of(server, bot.bot_id) == BotStatus.UNHEALTHY, "UNHEALTHY")
 
 
 async def test_two_bots_cannot_share_a_work_dir(start_server: Any, spawn_bot: SpawnBot,

@@ -30,15 +30,14 @@ from conftest import RunningServer, StartServer
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf.empty_pb2 import Empty
 from google.rpc import code_pb2
+from strategies import KINDS, open_scheduler
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
+from buildfleet.config import SchedulerConfig
 from buildfleet.digest import Digest
-from buildfleet.scheduler.model import BotStatus, Job
-from buildfleet.scheduler.replicated import ReplicatedScheduler
-from buildfleet.scheduler.scheduler import Scheduler
-from buildfleet.scheduler.settings import SchedulerSettings
-from buildfleet.scheduler.store import MemorySchedulerStore
+from buildfleet.scheduler.api import SchedulerAPI
+from buildfleet.scheduler.model import BotStatus, Operation, Stage
 from buildfleet.server.bots.service import UninstancedBotsService
 
 OK, UNHEALTHY, HOST_REBOOTING, BOT_TERMINATING, INITIALIZING = (
@@ -63,14 +62,15 @@ def scheduler_config(instance: str = "", **settings: Any) -> dict[str, Any]:
 
 
 
-def scheduler_of(grid: RunningServer, instance: str = "") -> Scheduler:
+def scheduler_of(grid: RunningServer, instance: str = "") -> SchedulerAPI:
     scheduler = grid.server.instances.get(instance).scheduler
     assert scheduler is not None
     return scheduler
 
 
-def job_of(grid: RunningServer, operation_name: str, instance: str = "") -> Job:
-    return scheduler_of(grid, instance).operations[operation_name].job
+async def operation_of(grid: RunningServer, name: str, instance: str = "") -> Operation:
+    """The operation as the scheduler has it now."""
+    return await scheduler_of(grid, instance).get_operation(name)
 
 
 def result_for(action: re_pb2.Action, exit_code: int = 0, worker_name: str = ""
@@ -109,7 +109,11 @@ async def fetch_action(grid: RunningServer, digest: re_pb2.Digest) -> re_pb2.Act
 
 async def queued(grid: RunningServer, count: int, instance: str = "") -> None:
     scheduler = scheduler_of(grid, instance)
-    await wait_for(lambda: len(scheduler.queue) >= count, what=f"{count} queued jobs")
+
+    async def enough() -> bool:
+        return await scheduler.queue_length() >= count
+
+    await wait_for(enough, what=f"{count} queued jobs")
 
 
 async def submit(client: Client, *arguments: str, **kwargs: Any
@@ -199,7 +203,6 @@ async def test_create_unknown_instance(grid: RunningServer) -> None:
     assert scheduler_of(grid).connected_bots() == 0
 
 
-@pytest.mark.memory_scheduler_only
 async def test_session_name_routes_back_and_unset_status_is_ok(
         start_server: StartServer) -> None:
     grid = await start_server({"instances": {"": {"scheduler": FAST},
@@ -226,11 +229,10 @@ async def test_session_name_routes_back_and_unset_status_is_ok(
         assert bot.session is not None and bot.session.HasField("expire_time")
         await bot.stub.PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
             name=bot.session.name, type="INFO", msg=f"hello from {instance!r}"))
-        assert [e.message for e in scheduler_of(grid, instance).bot_events(bot.bot_id)] == [
-            f"hello from {instance!r}"]
+        events = await scheduler_of(grid, instance).bot_events(bot.bot_id)
+        assert [e.message for e in events] == [f"hello from {instance!r}"]
 
 
-@pytest.mark.memory_scheduler_only
 async def test_duplicate_bot_id_closes_older_session(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(max_attempts=5))
     client = Client(grid.channel)
@@ -238,8 +240,7 @@ async def test_duplicate_bot_id_closes_older_session(start_server: StartServer) 
     await old.register()
     _, call, operation = await submit(client, "twin-work")
     (lease,) = await poll_until_leased(old)
-    job = job_of(grid, operation.name)
-    assert job.attempts == 0
+    assert (await operation_of(grid, operation.name)).attempts == 0
 
     # The old bot is long-polling when its successor registers under the same id.
     poll = asyncio.create_task(old.update(timeout=10))
@@ -249,8 +250,8 @@ async def test_duplicate_bot_id_closes_older_session(start_server: StartServer) 
     assert new.session is not None and old.session is not None
     assert new.session.name != old.session.name
     # The older session's lease went back to the queue, counted as an attempt.
-    assert job.lease is None and job in scheduler_of(grid).queue
-    assert job.attempts == 1
+    requeued = await operation_of(grid, operation.name)
+    assert requeued.stage == Stage.QUEUED and requeued.attempts == 1
     # The older session is closed: its pending call and its next update tell its bot
     # to register again (the held call at once, not at the end of its poll).
     started = time.monotonic()
@@ -312,7 +313,6 @@ async def test_update_closed_session(grid: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("capacity", ["many", "", "-1", "0", "2.5"])
-@pytest.mark.memory_scheduler_only
 async def test_non_numeric_capacity(grid: RunningServer, capacity: str) -> None:
     bad = worker("bot", [("OSFamily", "linux")], capacity=None)
     bad.configs.add(key="capacity", value=capacity)
@@ -325,10 +325,9 @@ async def test_non_numeric_capacity(grid: RunningServer, capacity: str) -> None:
     body = copy_session(bot)
     body.worker.CopyFrom(bad)
     await assert_status(send(bot, body), INVALID, "capacity")
-    assert scheduler_of(grid).sessions[body.name].capacity == 2  # nothing applied
+    assert (await scheduler_of(grid).get_session(body.name)).capacity == 2  # nothing applied
 
 
-@pytest.mark.memory_scheduler_only
 async def test_illegal_lease_transitions_apply_nothing(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel, capacity=2)
@@ -345,8 +344,8 @@ async def test_illegal_lease_transitions_apply_nothing(grid: RunningServer) -> N
         body.leases[0].result.Pack(result_for(action))
         body.leases[1].state = bad_state  # type: ignore[assignment]
         await assert_status(send(bot, body), INVALID, second.id)
-        assert not job_of(grid, op_a.name).done and not job_of(grid, op_b.name).done
-        assert job_of(grid, op_a.name).lease is not None
+        for name in (op_a.name, op_b.name):
+            assert (await operation_of(grid, name)).stage == Stage.EXECUTING
     # The bot's real report is still accepted afterwards.
     bot.complete(first.id, result_for(bot.action_of(first)))
     bot.complete(second.id, result_for(bot.action_of(second)))
@@ -356,7 +355,6 @@ async def test_illegal_lease_transitions_apply_nothing(grid: RunningServer) -> N
         assert (await client.result(call)).status.code == 0
 
 
-@pytest.mark.memory_scheduler_only
 async def test_foreign_and_unknown_leases_are_dropped(grid: RunningServer) -> None:
     """A bot can never complete a lease it does not hold."""
     client = Client(grid.channel)
@@ -374,8 +372,8 @@ async def test_foreign_and_unknown_leases_are_dropped(grid: RunningServer) -> No
     body.leases.add(id="never-offered-active", state=ACTIVE)
     response = await send(intruder, body)
     assert not response.leases  # dropped, not an error
-    job = job_of(grid, operation.name)
-    assert not job.done and job.lease is not None and job.lease.session.bot_id == holder.bot_id
+    still = await operation_of(grid, operation.name)
+    assert still.stage == Stage.EXECUTING and still.worker == holder.bot_id
 
     holder.complete(lease.id, result_for(action, worker_name="holder-result"))
     await holder.update()
@@ -386,7 +384,6 @@ async def test_foreign_and_unknown_leases_are_dropped(grid: RunningServer) -> No
     assert stored is not None and stored.execution_metadata.worker == "holder-result"
 
 
-@pytest.mark.memory_scheduler_only
 async def test_completed_lease_resent_is_acknowledged_not_reapplied(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel)
@@ -427,7 +424,6 @@ async def test_version_missing_or_junk_is_harmless(grid: RunningServer, version:
 
 
 # ---------------------------------------------------------------- capacity
-@pytest.mark.memory_scheduler_only
 async def test_capacity_three_gets_three_leases_at_once(grid: RunningServer) -> None:
     client = Client(grid.channel)
     calls = [(await submit(client, "cap", str(i)))[1] for i in range(3)]
@@ -448,7 +444,6 @@ async def test_capacity_three_gets_three_leases_at_once(grid: RunningServer) -> 
     assert len(actions) == 3
 
 
-@pytest.mark.memory_scheduler_only
 async def test_capacity_defaults_to_one(grid: RunningServer) -> None:
     client = Client(grid.channel)
     calls = [(await submit(client, "one", str(i)))[1] for i in range(2)]
@@ -457,7 +452,7 @@ async def test_capacity_defaults_to_one(grid: RunningServer) -> None:
     await bot.register()
     response = await bot.update()
     assert len(response.leases) == 1
-    assert len(scheduler_of(grid).queue) == 1
+    assert await scheduler_of(grid).queue_length() == 1
     await run_lease(bot)
     await poll_until_leased(bot)
     await run_lease(bot)
@@ -467,7 +462,6 @@ async def test_capacity_defaults_to_one(grid: RunningServer) -> None:
 
 # ---------------------------------------------------------------- statuses
 @pytest.mark.parametrize("status", [UNHEALTHY, HOST_REBOOTING, INITIALIZING])
-@pytest.mark.memory_scheduler_only
 async def test_unwell_bot_keeps_leases_but_gets_no_new_work(grid: RunningServer,
                                                             status: int) -> None:
     client = Client(grid.channel)
@@ -483,7 +477,7 @@ async def test_unwell_bot_keeps_leases_but_gets_no_new_work(grid: RunningServer,
     await queued(grid, 1)
     response = await bot.update(timeout=0.3)
     assert [lease.id for lease in response.leases] == [lease.id]  # no new work
-    assert job_of(grid, op_b.name) in scheduler_of(grid).queue
+    assert (await operation_of(grid, op_b.name)).stage == Stage.QUEUED
     # A bot registering in that status gets nothing either.
     other = StubBot(grid.channel)
     await other.register(status=status)
@@ -499,7 +493,6 @@ async def test_unwell_bot_keeps_leases_but_gets_no_new_work(grid: RunningServer,
     assert (await client.result(call_b)).status.code == 0
 
 
-@pytest.mark.memory_scheduler_only
 async def test_terminating_bot_finishes_its_leases_then_closes(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel, capacity=2)
@@ -510,7 +503,7 @@ async def test_terminating_bot_finishes_its_leases_then_closes(grid: RunningServ
     await queued(grid, 1)
     response = await bot.update(timeout=0.3, status=BOT_TERMINATING)
     assert [lease.id for lease in response.leases] == [lease.id]  # no new work
-    assert job_of(grid, op_b.name) in scheduler_of(grid).queue
+    assert (await operation_of(grid, op_b.name)).stage == Stage.QUEUED
     action = await run_lease(bot)  # its last lease: the session closes
     assert names((await client.result(call_a)).result, action)
     await assert_status(bot.update(), INVALID, "closed")
@@ -525,13 +518,8 @@ async def test_terminating_bot_finishes_its_leases_then_closes(grid: RunningServ
 async def waiting(grid: RunningServer, bot: StubBot) -> None:
     """Until the bot's UpdateBotSession is being held by the server."""
     assert bot.session is not None
-    scheduler: Any = scheduler_of(grid)
-    if isinstance(scheduler, ReplicatedScheduler):
-        name = bot.session.name
-        await wait_for(lambda: scheduler.is_waiting(name), what="the bot's long-poll")
-        return
-    session = scheduler.sessions[bot.session.name]
-    await wait_for(lambda: session.open_calls > 0, what="the bot's long-poll")
+    scheduler, name = scheduler_of(grid), bot.session.name
+    await wait_for(lambda: scheduler.is_polling(name), what="the bot's long-poll")
 
 
 async def test_long_poll_wakes_at_once_on_new_work(start_server: StartServer) -> None:
@@ -604,7 +592,6 @@ async def test_cancel_between_calls_is_reported_cancelled(grid: RunningServer) -
     assert (await cached(grid, digest)) is None
 
 
-@pytest.mark.memory_scheduler_only
 async def test_resent_failure_report_does_not_touch_the_retry(start_server: StartServer
                                                               ) -> None:
     """A bot re-sending an infrastructure failure cannot fail the retry it was handed."""
@@ -618,12 +605,12 @@ async def test_resent_failure_report_does_not_touch_the_retry(start_server: Star
     failure = copy_session(bot)
     await bot.update()  # the only bot: it is handed the retry
     (retry,) = await poll_until_leased(bot)
-    job = job_of(grid, operation.name)
-    assert job.attempts == 1
+    assert (await operation_of(grid, operation.name)).attempts == 1
     # The same report again (the bot lost our answer and repeats itself).
     await send(bot, failure, timeout=0.5)
     await send(bot, failure, timeout=0.5)
-    assert job.attempts == 1 and not job.done and job.lease is not None
+    again = await operation_of(grid, operation.name)
+    assert again.attempts == 1 and again.stage == Stage.EXECUTING
     assert bot.session is not None
     bot.session.leases[0].CopyFrom(retry)
     action = await run_lease(bot)
@@ -655,7 +642,6 @@ async def test_long_poll_uses_most_of_the_deadline(start_server: StartServer) ->
 
 
 # ---------------------------------------------------------------- keepalive
-@pytest.mark.memory_scheduler_only
 async def test_silent_bot_expires_and_its_lease_moves_on(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(keepalive=1, housekeeping_interval=0.1,
                                                long_poll=10))
@@ -675,7 +661,7 @@ async def test_silent_bot_expires_and_its_lease_moves_on(start_server: StartServ
     assert [item.payload for item in response.leases] == [lease.payload]
     assert 0.5 < elapsed < 5, elapsed
     assert bots.query_connected_bots_for_instance("") == 1
-    assert job_of(grid, operation.name).attempts == 1
+    assert (await operation_of(grid, operation.name)).attempts == 1
     await assert_status(silent.update(), INVALID, "keepalive")
 
     action = await run_lease(alive)
@@ -685,7 +671,6 @@ async def test_silent_bot_expires_and_its_lease_moves_on(start_server: StartServ
 
 # ---------------------------------------------------------------- attempts
 @pytest.mark.parametrize("code", [code_pb2.INTERNAL, code_pb2.UNAVAILABLE])
-@pytest.mark.memory_scheduler_only
 async def test_infrastructure_failures_are_retried_then_fail(start_server: StartServer,
                                                             code: int) -> None:
     grid = await start_server(scheduler_config(max_attempts=3))
@@ -701,7 +686,7 @@ async def test_infrastructure_failures_are_retried_then_fail(start_server: Start
     assert response.status.code == code
     assert "3 attempts" in response.status.message
     assert "runner crashed #2" in response.status.message
-    assert job_of(grid, operation.name).attempts == 3
+    assert (await operation_of(grid, operation.name)).attempts == 3
     assert not bot.leases()
 
 
@@ -732,7 +717,6 @@ async def test_failing_bot_is_not_handed_the_action_again(grid: RunningServer) -
     assert (await client.result(call_b)).status.code == 0
 
 
-@pytest.mark.memory_scheduler_only
 async def test_other_lease_status_is_the_final_status(grid: RunningServer) -> None:
     client = Client(grid.channel)
     bot = StubBot(grid.channel)
@@ -744,12 +728,11 @@ async def test_other_lease_status_is_the_final_status(grid: RunningServer) -> No
     response = await client.result(call)
     assert response.status.code == code_pb2.FAILED_PRECONDITION
     assert "input blob gone" in response.status.message
-    assert job_of(grid, operation.name).attempts == 0
+    assert (await operation_of(grid, operation.name)).attempts == 0
     assert (await cached(grid, digest)) is None
 
 
 # ---------------------------------------------------------------- shutdown
-@pytest.mark.memory_scheduler_only
 async def test_bot_stopped_mid_action_is_retried_elsewhere(grid: RunningServer) -> None:
     client = Client(grid.channel)
     stopping = StubBot(grid.channel, bot_id="stopping")
@@ -762,8 +745,8 @@ async def test_bot_stopped_mid_action_is_retried_elsewhere(grid: RunningServer) 
     stopping.complete(lease.id, result_for(action, exit_code=143))
     await stopping.update(status=BOT_TERMINATING)
     await assert_status(stopping.update(), INVALID, "closed")
-    job = job_of(grid, operation.name)
-    assert not job.done and job in scheduler_of(grid).queue
+    requeued = await operation_of(grid, operation.name)
+    assert requeued.stage == Stage.QUEUED and requeued.attempts == 0
     assert (await cached(grid, digest)) is None
 
     successor = StubBot(grid.channel, bot_id="successor")
@@ -822,7 +805,6 @@ async def test_pending_offer_with_digest(start_server: StartServer) -> None:
 
 
 # ---------------------------------------------------------------- PostBotEventTemp
-@pytest.mark.memory_scheduler_only
 async def test_post_bot_event(grid: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
     stub = bots_pb2_grpc.BotsStub(grid.channel)
     await assert_status(stub.PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
@@ -836,7 +818,7 @@ async def test_post_bot_event(grid: RunningServer, caplog: pytest.LogCaptureFixt
         answer = await stub.PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
             name=bot.session.name, type=kind, msg=message))
         assert answer == Empty()
-    events = scheduler_of(grid).bot_events(bot.bot_id)
+    events = await scheduler_of(grid).bot_events(bot.bot_id)
     assert [(e.type, e.message) for e in events] == [("INFO", "starting up"),
                                                      ("ERROR", "disk on fire")]
     assert all(before <= e.time <= time.time() for e in events)
@@ -909,7 +891,6 @@ async def check_metrics(service: Any, instance: str, channel: grpc.aio.Channel,
     assert service.get_bot_status_metrics(instance)["bots_total"][BotStatus.OK] == 1
 
 
-@pytest.mark.memory_scheduler_only
 async def test_bots_service_queries(start_server: StartServer) -> None:
     grid = await start_server({"instances": {
         "": {"scheduler": FAST},
@@ -930,31 +911,30 @@ async def test_bots_service_queries(start_server: StartServer) -> None:
     assert "no-such-instance" in str(caught.value)
 
 
-@pytest.fixture
-async def uninstanced() -> AsyncIterator[tuple[UninstancedBotsService, Scheduler,
-                                                grpc.aio.Channel]]:
-    """An UninstancedBotsService over a MemorySchedulerStore, on its own grpc.aio server."""
-    scheduler = Scheduler("", MemorySchedulerStore(), settings=SchedulerSettings(
-        keepalive=5, long_poll=1, tick=0.1, bot_label_key="OSFamily"))
-    service = UninstancedBotsService(scheduler)
-    await service.start()
-    server = grpc.aio.server()
-    service.REGISTER_METHOD(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield service, scheduler, channel
-    finally:
-        await channel.close()
-        await server.stop(0)
-        await scheduler.close()
-        await scheduler.store.close()
+@pytest.fixture(params=KINDS)
+async def uninstanced(request: pytest.FixtureRequest
+                      ) -> AsyncIterator[tuple[UninstancedBotsService, SchedulerAPI,
+                                               grpc.aio.Channel]]:
+    """An UninstancedBotsService over each strategy in turn, on its own grpc.aio server."""
+    settings = SchedulerConfig(keepalive=5, long_poll=1, housekeeping_interval=0.1,
+                               bot_label_key="OSFamily")
+    async with open_scheduler(request.param, settings) as scheduler:
+        service = UninstancedBotsService(scheduler)
+        await service.start()
+        server = grpc.aio.server()
+        service.REGISTER_METHOD(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            yield service, scheduler, channel
+        finally:
+            await channel.close()
+            await server.stop(0)
 
 
-@pytest.mark.memory_scheduler_only
 async def test_uninstanced_bots_service(
-        uninstanced: tuple[UninstancedBotsService, Scheduler, grpc.aio.Channel]) -> None:
+        uninstanced: tuple[UninstancedBotsService, SchedulerAPI, grpc.aio.Channel]) -> None:
     service, scheduler, channel = uninstanced
     assert service.FULL_NAME == "google.devtools.remoteworkers.v1test2.Bots"
     assert service.SERVICE_NAME == "Bots"
@@ -977,14 +957,15 @@ async def test_uninstanced_bots_service(
     (lease,) = await poll_until_leased(bot)
     assert digest_of(lease.payload.value) == digest_of(action.SerializeToString())
     await run_lease(bot)
-    assert operation.done
-    response = re_pb2.ExecuteResponse.FromString(operation.response or b"")
+    done = await scheduler.get_operation(operation.name)
+    assert done.done
+    response = re_pb2.ExecuteResponse.FromString(done.response or b"")
     assert response.status.code == 0 and names(response.result, action)
     assert bot.session is not None
     await bots_pb2_grpc.BotsStub(channel).PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
         name=bot.session.name, type="INFO",
         msg="served"))
-    assert [e.message for e in scheduler.bot_events(bot.bot_id)] == ["served"]
+    assert [e.message for e in await scheduler.bot_events(bot.bot_id)] == ["served"]
 
 
 
@@ -1001,7 +982,6 @@ async def run_bot(bot: StubBot, stop: asyncio.Event, completions: dict[str, int]
         await bot.update(timeout=1.0)
 
 
-@pytest.mark.memory_scheduler_only
 async def test_thousand_actions_none_lost_none_run_twice(start_server: StartServer) -> None:
     grid = await start_server(scheduler_config(long_poll=1))
     client = Client(grid.channel)
@@ -1042,7 +1022,6 @@ async def test_thousand_actions_none_lost_none_run_twice(start_server: StartServ
     assert elapsed < 60
 
 
-@pytest.mark.memory_scheduler_only
 async def test_thousands_of_bots_long_poll_at_once(start_server: StartServer) -> None:
     """More bots than gRPC's default pending-call limits (about 2,300 open calls) all
     register and park in UpdateBotSession, and new work still reaches one of them."""
@@ -1064,7 +1043,7 @@ async def test_thousands_of_bots_long_poll_at_once(start_server: StartServer) ->
     try:
         await wait_for(lambda: parked == count, 60, f"{count} bots to register")
         scheduler = grid.server.instances.get("").scheduler
-        await wait_for(lambda: len(scheduler._waiting) == count, 60,
+        await wait_for(lambda: scheduler.polling() == count, 60,
                        f"{count} bots to be long-polling")
         client = Client(grid.channel)
         call = client.execute(await client.action("echo", "crowd"))

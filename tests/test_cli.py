@@ -26,10 +26,9 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import (
 )
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
-from buildfleet.config import ConfigError, ServerConfig, parse_config, postgres_settings
+from buildfleet.config import ConfigError, PostgresConfig, ServerConfig, parse_config
 from buildfleet.digest import Digest
-from buildfleet.scheduler.pg_schema import MIGRATIONS
-from buildfleet.scheduler.postgres import PostgresSettings
+from buildfleet.postgres.schema import MIGRATIONS
 
 REAPI_SERVICES = {
     "build.bazel.remote.execution.v2.ContentAddressableStorage",
@@ -271,9 +270,9 @@ def test_database_setting_takes_a_postgres_url_with_pool_settings() -> None:
     config = parse_config({"database": "postgresql://bf@db.example:5432/grid",
                            "postgres": {"pool-min": 2, "pool-max": 20, "statement-timeout": 3,
                                         "connect-timeout": 2.5, "retry-after": 4}})
-    assert postgres_settings(config) == PostgresSettings(
-        "postgresql://bf@db.example:5432/grid", pool_min=2, pool_max=20,
-        statement_timeout=3, connect_timeout=2.5, retry_after=4)
+    assert config.database == "postgresql://bf@db.example:5432/grid"
+    assert config.postgres == PostgresConfig(pool_min=2, pool_max=20, statement_timeout=3,
+                                             connect_timeout=2.5, retry_after=4)
     # `serve --database` replaces the file's setting, checked the same way.
     assert ServerConfig().with_overrides(database="postgres://db/x").database == (
         "postgres://db/x")

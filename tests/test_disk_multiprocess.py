@@ -31,8 +31,8 @@ from diskkit import DiskWorker, blob, blob_data
 from buildfleet.config import parse_config
 from buildfleet.digest import Digest
 from buildfleet.errors import Unavailable
-from buildfleet.server.instance import build_store
 from buildfleet.storage import Cas, DiskStore, SizeLimitedStore
+from buildfleet.storage.factory import StoreFactory
 
 IDS = list(range(60))  # includes 12 blobs of 2.5 MiB
 
@@ -263,7 +263,7 @@ async def test_periodic_rescan_counts_other_processes_blobs(tmp_path: Path) -> N
         "type": "disk", "path": str(root), "max-size": 5000, "rescan-interval": 0.05}}}})
     cas_ref = config.instances[""].cas
     assert cas_ref is not None
-    store = build_store(config, cas_ref, tmp_path, {}, [])
+    store = StoreFactory(config).build(cas_ref)
     assert isinstance(store, SizeLimitedStore) and store.rescan_interval == 0.05
     await store.start()
     try:

@@ -641,7 +641,6 @@ async def test_do_not_cache_actions_are_never_deduplicated(grid: RunningServer) 
 
 # ---------------------------------------------------------- cancel and timeout
 
-@pytest.mark.memory_scheduler_only
 async def test_cancel_of_a_running_job_reaches_the_bot(grid: RunningServer) -> None:
     client = Client(grid.channel)
     digest = await client.action("sleep", "1000")
@@ -655,8 +654,8 @@ async def test_cancel_of_a_running_job_reaches_the_bot(grid: RunningServer) -> N
     polling = asyncio.create_task(bot.update(timeout=5.0))  # holds up to 4 s
     scheduler = grid.server.instances.get("").scheduler
     assert scheduler is not None and bot.session is not None
-    session = scheduler.sessions[bot.session.name]
-    await wait_for(lambda: session.open_calls, what="the bot's long-poll")
+    session = bot.session.name
+    await wait_for(lambda: scheduler.is_polling(session), what="the bot's long-poll")
     started = time.monotonic()
     await operations_pb2_grpc.OperationsStub(grid.channel).CancelOperation(
         operations_pb2.CancelOperationRequest(name=name))

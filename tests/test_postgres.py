@@ -27,19 +27,13 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2
 from pgkit import TcpProxy
 
-from buildfleet.config import is_postgres_url
+from buildfleet.config import PostgresConfig, is_postgres_url
 from buildfleet.errors import Unavailable
-from buildfleet.scheduler import pg_schema, postgres
-from buildfleet.scheduler.postgres import (
-    Database,
-    PostgresSchedulerStore,
-    PostgresSettings,
-    UnusableDatabase,
-    migrate,
-    redact,
-)
+from buildfleet.postgres import Database, UnusableDatabase, migrate, redact, schema
+from buildfleet.postgres import database as database_module
+from buildfleet.scheduler.embedded import PostgresSchedulerStore
 
-LATEST = len(pg_schema.MIGRATIONS)
+LATEST = len(schema.MIGRATIONS)
 
 
 async def connect(url: str) -> psycopg.AsyncConnection:
@@ -108,8 +102,8 @@ async def test_an_appended_migration_is_applied_and_a_failing_one_leaves_no_trac
         pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async with await connect(pg_url) as conn:
         await migrate(conn)
-        monkeypatch.setattr(pg_schema, "MIGRATIONS", [
-            *pg_schema.MIGRATIONS, "CREATE TABLE extra (x integer)",
+        monkeypatch.setattr(schema, "MIGRATIONS", [
+            *schema.MIGRATIONS, "CREATE TABLE extra (x integer)",
             "CREATE TABLE half_done (x integer); SELECT no_such_function()"])
         with pytest.raises(psycopg.errors.UndefinedFunction):
             await migrate(conn)
@@ -129,7 +123,7 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
 # ---------------------------------------------------------------- connections
 
 async def test_pooled_connections_carry_the_statement_timeout(pg_url: str) -> None:
-    database = Database(PostgresSettings(pg_url, statement_timeout=0.2))
+    database = Database(pg_url, PostgresConfig(statement_timeout=0.2))
     await database.open()
     try:
         async with database.connection() as conn:
@@ -161,7 +155,7 @@ async def terminate_pool_connections(pg_url: str) -> int:
 
 async def test_connections_ended_by_the_server_are_replaced(
         pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    database = Database(PostgresSettings(pg_url, pool_min=2, pool_max=2))
+    database = Database(pg_url, PostgresConfig(pool_min=2, pool_max=2))
     await database.open()
 
     async def select_one() -> None:
@@ -172,13 +166,13 @@ async def test_connections_ended_by_the_server_are_replaced(
     try:
         await select_one()
         # A connection idle for a while is checked before use: no call sees the loss.
-        monkeypatch.setattr(postgres, "CHECK_AFTER_IDLE", 0.0)
+        monkeypatch.setattr(database_module, "CHECK_AFTER_IDLE", 0.0)
         assert await terminate_pool_connections(pg_url) >= 1
         for _ in range(4):
             await select_one()
         # One used a moment ago is trusted: a call may fail, UNAVAILABLE, and the
         # pool then replaces the connection.
-        monkeypatch.setattr(postgres, "CHECK_AFTER_IDLE", 3600.0)
+        monkeypatch.setattr(database_module, "CHECK_AFTER_IDLE", 3600.0)
         await select_one()
         assert await terminate_pool_connections(pg_url) >= 1
         failures = 0
@@ -194,7 +188,7 @@ async def test_connections_ended_by_the_server_are_replaced(
 
 
 async def test_a_transaction_commits_all_or_nothing(pg_url: str) -> None:
-    database = Database(PostgresSettings(pg_url))
+    database = Database(pg_url)
     await database.open()
     try:
         async with database.connection() as conn:
@@ -213,7 +207,7 @@ async def test_a_transaction_commits_all_or_nothing(pg_url: str) -> None:
 
 
 async def test_listen_connection_receives_notifications(pg_url: str) -> None:
-    database = Database(PostgresSettings(pg_url))
+    database = Database(pg_url)
     await database.open()
     listener = await database.listen_connection()
     try:
@@ -231,8 +225,8 @@ async def test_listen_connection_receives_notifications(pg_url: str) -> None:
 async def test_an_unreachable_database_is_unavailable_with_a_retry_hint(
         refused_port: int) -> None:
     url = f"postgresql://postgres:s3cret@127.0.0.1:{refused_port}/test"
-    settings = PostgresSettings(url, connect_timeout=0.5, retry_after=3)
-    database = Database(settings)
+    config = PostgresConfig(connect_timeout=0.5, retry_after=3)
+    database = Database(url, config)
     with pytest.raises(Unavailable) as raised:
         await database.open()
     message = raised.value.message
@@ -242,7 +236,7 @@ async def test_an_unreachable_database_is_unavailable_with_a_retry_hint(
     with pytest.raises(Unavailable):
         await database.listen_connection()
 
-    store = PostgresSchedulerStore(settings)
+    store = PostgresSchedulerStore(url, config)
     with pytest.raises(Unavailable):
         await store.start()
     await store.close()
@@ -250,12 +244,12 @@ async def test_an_unreachable_database_is_unavailable_with_a_retry_hint(
 
 async def test_an_outage_is_unavailable_and_the_store_recovers_keeping_its_changes(
         pg_url: str) -> None:
-    from test_scheduler_core import make_job
+    from schedkit import make_job
 
     proxy = TcpProxy.to(pg_url)
     await proxy.start()
-    settings = PostgresSettings(proxy.url(pg_url), connect_timeout=1, retry_after=2)
-    store = PostgresSchedulerStore(settings)
+    store = PostgresSchedulerStore(proxy.url(pg_url),
+                                   PostgresConfig(connect_timeout=1, retry_after=2))
     await store.start()
     try:
         store.save_job(make_job(0, name="before"))

@@ -19,10 +19,9 @@ from pgkit import TcpProxy
 from test_postgres import retry_delay
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from buildfleet.config import ConfigError, parse_config
+from buildfleet.config import ConfigError, PostgresConfig, parse_config
 from buildfleet.digest import Digest
 from buildfleet.errors import Unavailable
-from buildfleet.scheduler.postgres import PostgresSettings
 from buildfleet.storage import SizeLimitedStore
 from buildfleet.storage.postgres import TOUCH_AFTER, PostgresStore
 
@@ -49,8 +48,8 @@ async def set_last_access(url: str, digest: Digest, when: float) -> None:
 
 
 async def test_namespaces_keep_stores_apart(pg_url: str) -> None:
-    first = PostgresStore(PostgresSettings(pg_url), namespace="one")
-    second = PostgresStore(PostgresSettings(pg_url), namespace="two")
+    first = PostgresStore(pg_url, namespace="one")
+    second = PostgresStore(pg_url, namespace="two")
     await first.start()
     await second.start()
     try:
@@ -68,7 +67,7 @@ async def test_namespaces_keep_stores_apart(pg_url: str) -> None:
 
 
 async def test_a_read_refreshes_a_stale_last_use_only(pg_url: str) -> None:
-    store = PostgresStore(PostgresSettings(pg_url))
+    store = PostgresStore(pg_url)
     await store.start()
     try:
         stale, stale_data = blob(1)
@@ -92,7 +91,7 @@ async def test_a_read_refreshes_a_stale_last_use_only(pg_url: str) -> None:
 async def test_size_limit_evicts_what_no_replica_used_lately(pg_url: str) -> None:
     # Blobs that another replica stored, with the last uses it recorded: a
     # size-limited store starting on the table evicts the least recently used.
-    writer = PostgresStore(PostgresSettings(pg_url))
+    writer = PostgresStore(pg_url)
     await writer.start()
     blobs = [blob(n) for n in range(4)]
     await writer.put_many(blobs)
@@ -101,7 +100,7 @@ async def test_size_limit_evicts_what_no_replica_used_lately(pg_url: str) -> Non
         await set_last_access(pg_url, digest, now - age * 60)
     await writer.close()
 
-    bounded = SizeLimitedStore(PostgresStore(PostgresSettings(pg_url)), max_bytes=200)
+    bounded = SizeLimitedStore(PostgresStore(pg_url), max_bytes=200)
     await bounded.start()
     try:
         # Oldest first: blob 2 (40 min), then blob 0 (30 min) go.
@@ -115,7 +114,7 @@ async def test_size_limit_evicts_what_no_replica_used_lately(pg_url: str) -> Non
 async def test_an_outage_is_unavailable_and_the_store_recovers(pg_url: str) -> None:
     proxy = TcpProxy.to(pg_url)
     await proxy.start()
-    store = PostgresStore(PostgresSettings(proxy.url(pg_url), connect_timeout=1,
+    store = PostgresStore(proxy.url(pg_url), PostgresConfig(connect_timeout=1,
                                            retry_after=2))
     await store.start()
     try:

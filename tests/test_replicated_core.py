@@ -20,15 +20,15 @@ from google.rpc import code_pb2
 from psycopg.rows import dict_row
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.config import PostgresConfig, SchedulerConfig
 from buildfleet.digest import Digest
 from buildfleet.errors import InvalidArgument, NotFound
-from buildfleet.scheduler import replicated as replicated_module
-from buildfleet.scheduler.model import BotStatus, LeaseState, Stage
-from buildfleet.scheduler.postgres import Database, PostgresSettings
+from buildfleet.postgres import Database
+from buildfleet.scheduler.model import BotStatus, LeaseState, ReportedLease, Stage
 from buildfleet.scheduler.protos import ACTION_RESULT_URL
-from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler, _TxEffects
-from buildfleet.scheduler.scheduler import ReportedLease
-from buildfleet.scheduler.settings import SchedulerSettings
+from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler, jobs
+from buildfleet.scheduler.replicated import scheduler as replicated_module
+from buildfleet.scheduler.replicated.transactions import Effects, Tx
 
 LINUX = frozenset({("OSFamily", "linux")})
 
@@ -39,20 +39,20 @@ class Replica:
     scheduler: ReplicatedScheduler
 
 
-async def open_replica(url: str, settings: SchedulerSettings) -> Replica:
-    grid = ReplicatedGrid(Database(PostgresSettings(url, pool_max=20)))
+async def open_replica(url: str, settings: SchedulerConfig) -> Replica:
+    grid = ReplicatedGrid(Database(url, PostgresConfig(pool_max=20)))
     scheduler = ReplicatedScheduler("", grid, settings=settings)
     await scheduler.start()
     return Replica(grid, scheduler)
 
 
 @pytest.fixture
-def settings() -> SchedulerSettings:
-    return SchedulerSettings(tick=0.1, keepalive=30, busy_poll=1.0)
+def settings() -> SchedulerConfig:
+    return SchedulerConfig(housekeeping_interval=0.1, keepalive=30, busy_poll=1.0)
 
 
 @pytest.fixture
-async def replicas(pg_url: str, settings: SchedulerSettings) -> AsyncIterator[list[Replica]]:
+async def replicas(pg_url: str, settings: SchedulerConfig) -> AsyncIterator[list[Replica]]:
     opened = [await open_replica(pg_url, settings) for _ in range(2)]
     yield opened
     for replica in opened:
@@ -87,7 +87,7 @@ async def test_work_submitted_on_one_replica_reaches_a_bot_waiting_on_the_other(
     digest, message = action(1)
     operation = await b.submit(digest, message, LINUX)
     _, leases = await asyncio.wait_for(poll, 10)
-    assert [lease.job.action_digest for lease in leases] == [digest]
+    assert [lease.action_digest for lease in leases] == [digest]
     assert leases[0].state == LeaseState.ACTIVE
 
     # The bot's next update lands on the other replica, and the client watching
@@ -115,7 +115,7 @@ async def test_identical_actions_on_two_replicas_share_one_job(replicas: list[Re
     first, second = await asyncio.gather(a.submit(digest, message, LINUX),
                                          b.submit(digest, message, LINUX))
     assert first.name != second.name
-    assert first.job.id == second.job.id
+    assert first.job_id == second.job_id
 
 
 async def test_no_job_is_leased_twice_across_replicas(replicas: list[Replica]) -> None:
@@ -141,7 +141,7 @@ async def test_no_job_is_leased_twice_across_replicas(replicas: list[Replica]) -
                 wait=0.2)
             reports = []
             for lease in leases:
-                runs[lease.job.id] += 1
+                runs[lease.action_digest.hash] += 1
                 reports.append(completed(lease.id))
             idle = 0 if leases else idle + 1
 
@@ -150,7 +150,7 @@ async def test_no_job_is_leased_twice_across_replicas(replicas: list[Replica]) -
     assert set(runs.values()) == {1}
     for operation in submitted:
         done = await replicas[0].scheduler.get_operation(operation.name)
-        assert done.done and done.job.stage == Stage.COMPLETED
+        assert done.done and done.stage == Stage.COMPLETED
 
 
 async def test_cancelling_on_one_replica_tells_the_bot_polling_on_the_other(
@@ -182,7 +182,7 @@ async def test_cancelling_on_one_replica_tells_the_bot_polling_on_the_other(
 
 async def test_a_silent_session_is_expired_once_and_its_job_requeued_once(
         pg_url: str) -> None:
-    settings = SchedulerSettings(tick=0.05, keepalive=0.5, max_attempts=5)
+    settings = SchedulerConfig(housekeeping_interval=0.05, keepalive=0.5, max_attempts=5)
     opened = [await open_replica(pg_url, settings) for _ in range(2)]
     try:
         a, b = opened[0].scheduler, opened[1].scheduler
@@ -197,11 +197,11 @@ async def test_a_silent_session_is_expired_once_and_its_job_requeued_once(
 
         async def requeued() -> bool:
             current = await b.get_operation(operation.name)
-            return current.job.stage == Stage.QUEUED
+            return current.stage == Stage.QUEUED
 
         await wait_for(requeued, 15, "the silent bot's job going back to the queue")
         current = await b.get_operation(operation.name)
-        assert current.job.attempts == 1
+        assert current.attempts == 1
         with pytest.raises(InvalidArgument, match="keepalive"):
             await a.update_session(session.name, bot_id="bot-gone", status=BotStatus.OK,
                                    leases=[], wait=0)
@@ -246,7 +246,7 @@ async def test_a_submission_just_after_success_joins_the_finished_job(
         await a.update_session(session.name, bot_id="bot-r", status=BotStatus.OK,
                                leases=[completed(lease.id, exit_code)], wait=0)
         again = await b.submit(digest, message, LINUX)
-        assert (again.job.id == first.job.id) is joined
+        assert (again.job_id == first.job_id) is joined
         assert again.done is joined
 
 
@@ -262,12 +262,12 @@ async def test_a_submission_racing_the_completion_joins_the_finished_job(
         async with conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute("SELECT * FROM grid_jobs WHERE id = %s FOR UPDATE",
-                                 (first.job.id,))
+                                 (first.job_id,))
             row = await cursor.fetchone()
             assert row is not None
             response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
-            await a._complete(conn, row, response.SerializeToString(), _TxEffects(),
-                              worker="bot-x", succeeded=True)
+            await jobs.complete(Tx(conn, Effects(), "", a.settings), row,
+                                response.SerializeToString(), worker="bot-x", succeeded=True)
             # The completion is written, not committed: the submission waits for it.
             racing = asyncio.create_task(b.submit(digest, message, LINUX))
 
@@ -281,7 +281,7 @@ async def test_a_submission_racing_the_completion_joins_the_finished_job(
 
             await wait_for(submission_waits, 10, "the submission waiting for the completion")
         again = await asyncio.wait_for(racing, 10)
-        assert again.job.id == first.job.id and again.done
+        assert again.job_id == first.job_id and again.done
         cursor = await conn.execute(
             "SELECT count(*) FROM grid_jobs WHERE action_hash = %s", (digest.hash,))
         assert await cursor.fetchone() == (1,)
@@ -299,12 +299,12 @@ async def test_skipping_the_cache_right_after_success_runs_the_action_again(
     await a.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
                            leases=[completed(lease.id)], wait=0)
     again = await b.submit(digest, message, LINUX, skip_cache_lookup=True)
-    assert again.job.id != first.job.id and not again.done
+    assert again.job_id != first.job_id and not again.done
     joined = await a.submit(digest, message, LINUX, skip_cache_lookup=True)
-    assert joined.job.id == again.job.id  # the new run is in flight: joined
+    assert joined.job_id == again.job_id  # the new run is in flight: joined
     _, [lease] = await b.update_session(session.name, bot_id="bot-s", status=BotStatus.OK,
                                         leases=[], wait=0)
-    assert lease.job.id == again.job.id
+    assert lease.action_digest == digest
 
 
 async def test_a_queued_operation_nobody_watches_is_not_listened_for_forever(
@@ -317,7 +317,7 @@ async def test_a_queued_operation_nobody_watches_is_not_listened_for_forever(
     assert not (await anext(watcher)).done
     monkeypatch.setattr(replicated_module, "RESYNC", 0.0)
     a._forget_unwatched()
-    assert unwatched.job.id not in a._watchers  # the client never came to watch
-    assert watched.job.id in a._watchers
+    assert unwatched.job_id not in a._watchers  # the client never came to watch
+    assert watched.job_id in a._watchers
     await watcher.aclose()
-    assert watched.job.id not in a._watchers
+    assert watched.job_id not in a._watchers

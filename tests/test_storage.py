@@ -13,7 +13,6 @@ from pgkit import postgres_schema
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest
 from buildfleet.errors import InvalidArgument, ResourceExhausted
-from buildfleet.scheduler.postgres import PostgresSettings
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
 from buildfleet.storage.postgres import PostgresStore
 
@@ -43,7 +42,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryStore()
     else:
         async with postgres_schema() as url:
-            store = PostgresStore(PostgresSettings(url))
+            store = PostgresStore(url)
             await store.start()
             try:
                 yield store

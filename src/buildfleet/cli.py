@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from buildfleet import __version__
-from buildfleet.config import ConfigError, load_config, postgres_settings
+from buildfleet.config import ConfigError, load_config
 from buildfleet.errors import Unavailable
 from buildfleet.up import up
 from buildfleet.worker.command import bot
@@ -47,7 +47,7 @@ def main() -> None:
 def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | None,
           database: str | None, log_level: str) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
-    from buildfleet.scheduler.postgres import UnusableDatabase
+    from buildfleet.postgres import UnusableDatabase
     from buildfleet.server.app import serve as run_server
 
     _setup_logging(log_level)
@@ -79,8 +79,8 @@ def upgrade(database: str | None, config_file: Path | None) -> None:
     prefer to migrate separately.
     """
     from buildfleet.config import is_postgres_url
-    from buildfleet.scheduler.postgres import UnusableDatabase
-    from buildfleet.scheduler.postgres import upgrade as upgrade_schema
+    from buildfleet.postgres import UnusableDatabase
+    from buildfleet.postgres import upgrade as upgrade_schema
 
     try:
         config = load_config(config_file).with_overrides(database=database)
@@ -92,7 +92,7 @@ def upgrade(database: str | None, config_file: Path | None) -> None:
             "`buildfleet serve` starts; `db upgrade` is for postgresql:// URLs "
             "(--database or `database` in --config)")
     try:
-        before, after = asyncio.run(upgrade_schema(postgres_settings(config)))
+        before, after = asyncio.run(upgrade_schema(config.database, config.postgres))
     except (Unavailable, UnusableDatabase) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"schema version {before} -> {after}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import yaml
@@ -34,9 +34,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-if TYPE_CHECKING:
-    from buildfleet.scheduler.postgres import PostgresSettings
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = "./buildfleet-data"
@@ -157,24 +154,53 @@ ReadCacheStorage.model_rebuild()
 
 
 class SchedulerConfig(_Model):
-    """Execution on an instance: how actions are queued and handed to bots."""
+    """Execution on an instance: how actions are queued and handed to bots.
+
+    The one settings model of the scheduler: both strategies read it as it is.
+    Durations are seconds.
+    """
 
     enabled: bool = True
-    max_attempts: int = Field(default=5, ge=1)
-    keepalive: float = Field(default=60.0, gt=0)
-    long_poll: float = Field(default=60.0, gt=0)
-    busy_poll: float = Field(default=1.0, gt=0)
-    default_timeout: float = Field(default=3600.0, gt=0)
-    max_timeout: float = Field(default=86400.0, gt=0)
-    timeout_grace: float = Field(default=30.0, ge=0)
-    unmatched_timeout: float = Field(default=300.0, gt=0)
-    max_queued: int = Field(default=100_000, ge=1)
-    fairness_share: float = Field(default=0.1, ge=0, le=1)
+    max_attempts: int = Field(default=5, ge=1)  # leases that may end in infrastructure failure
+    keepalive: float = Field(default=60.0, gt=0)  # a silent session lives this long
+    # A bot holding leases calls at least once per busy-poll; silent this long, its
+    # leases go back to the queue (the session lives on until the keepalive).
+    lease_timeout: float = Field(default=10.0, gt=0)
+    long_poll: float = Field(default=60.0, gt=0)  # hold bound of an update without deadline
+    busy_poll: float = Field(default=1.0, gt=0)  # hold bound while the bot runs leases
+    default_timeout: float = Field(default=3600.0, gt=0)  # when the Action sets none
+    max_timeout: float = Field(default=86400.0, gt=0)  # larger Action.timeout is refused
+    timeout_grace: float = Field(default=30.0, ge=0)  # extra time before a job is ended
+    unmatched_timeout: float = Field(default=300.0, gt=0)  # fail jobs no live bot can run
+    max_queued: int = Field(default=100_000, ge=1)  # queued jobs before RESOURCE_EXHAUSTED
+    fairness_share: float = Field(default=0.1, ge=0, le=1)  # picks that take the oldest job
     lease_offer: Literal["active", "pending"] = "active"
-    completed_retention: float = Field(default=3600.0, gt=0)
-    cache_failed_results: bool = False
-    bot_label_key: str = "OSFamily"
+    # The bot that failed an action gets it again only when no other bot could run
+    # it, and only after this delay (doubled per attempt, at most retry-backoff-max).
+    retry_backoff: float = Field(default=1.0, ge=0)
+    retry_backoff_max: float = Field(default=30.0, ge=0)
+    completed_retention: float = Field(default=3600.0, gt=0)  # keep finished operations
+    cache_failed_results: bool = False  # also cache results with a non-zero exit code
+    bot_label_key: str = "OSFamily"  # property that labels bots in metrics
     housekeeping_interval: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _check_lease_timeout(self) -> SchedulerConfig:
+        if self.lease_timeout <= self.busy_poll:
+            raise ValueError(f"lease-timeout ({self.lease_timeout:g}) must be longer than "
+                             f"busy-poll ({self.busy_poll:g}): a bot holding leases calls "
+                             "once per busy-poll")
+        return self
+
+    @property
+    def offer_pending(self) -> bool:
+        """Offer leases PENDING with Any(Digest) payloads (older bots) instead of ACTIVE."""
+        return self.lease_offer == "pending"
+
+    @property
+    def tick(self) -> float:
+        """Seconds between housekeeping passes."""
+        return self.housekeeping_interval
 
 
 class InstanceConfig(_Model):
@@ -350,16 +376,6 @@ def check_database(database: str) -> None:
 def is_postgres_url(database: str) -> bool:
     """Whether a `database` setting names PostgreSQL rather than a SQLite file."""
     return database.startswith(("postgresql://", "postgres://"))
-
-
-def postgres_settings(config: ServerConfig) -> PostgresSettings:
-    """The connection settings for a `database` that is a PostgreSQL URL."""
-    from buildfleet.scheduler.postgres import PostgresSettings
-
-    pg = config.postgres
-    return PostgresSettings(url=config.database, pool_min=pg.pool_min, pool_max=pg.pool_max,
-                            statement_timeout=pg.statement_timeout,
-                            connect_timeout=pg.connect_timeout, retry_after=pg.retry_after)
 
 
 def instance_slug(name: str) -> str:

@@ -2,7 +2,8 @@
 
 - A `buildfleet bot` process SIGKILLed while it runs a lease: once the keepalive
   window has passed, the action runs on another bot and the client sees one
-  result.
+  result; with the default settings, once the lease timeout (10 s) has passed,
+  on either scheduling strategy.
 - Bots that fail every lease with INTERNAL: the action is retried on the other
   bots (never twice on a bot that failed it while another could take it) up to
   the attempt limit, then fails with a message naming the attempts.
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from botkit import (
@@ -28,6 +30,7 @@ from botkit import (
 )
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2
+from pgkit import postgres_schema
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -94,6 +97,58 @@ async def test_bot_killed_mid_lease_completes_on_another_bot(tmp_path: Path) -> 
             # A later WaitExecution gives the same single result.
             again = await collect(wait_execution(channel, stream[-1].name))
             assert len(again) == 1 and execute_response(again[0]) == response
+            assert not log_has_no_traceback(server.output())
+        finally:
+            kill_process_group(pid_file)
+            for bot in bots:
+                bot.kill()
+
+
+@pytest.fixture(params=["embedded", "replicated"])
+async def strategy(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Each scheduling strategy in turn: its name and the server config that picks it."""
+    if request.param == "embedded":
+        yield "embedded", {}
+        return
+    async with postgres_schema() as url:
+        yield "replicated", {"database": url}
+
+
+async def test_a_dead_bots_lease_moves_on_within_the_lease_timeout(
+        tmp_path: Path, strategy: tuple[str, dict[str, Any]]) -> None:
+    """With the default settings (lease timeout 10 s, keepalive 60 s), a `buildfleet
+    bot` SIGKILLed while it runs an action: the action completes on another bot
+    within 15 s of the kill, long before the dead bot's session expires."""
+    name, config = strategy
+    started, pid_file = tmp_path / "started", tmp_path / "first-run.pid"
+    script = (f"if [ -e {started} ]; then echo ran-again; "
+              f"else echo $$ > {pid_file}; touch {started}; exec sleep 120; fi")
+    blobs, digest = shell_action(script)
+    bots: list[BotProcess] = []
+    async with serving(tmp_path / "server", tmp_path / "data", config) as (server, channel):
+        try:
+            await upload(channel, *blobs)
+            doomed = BotProcess(server.address, tmp_path / "doomed", "doomed")
+            bots.append(doomed)
+            await doomed.registered()
+            follower = asyncio.create_task(collect(Client(channel).execute(digest)))
+            await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
+                             "the command to start on the first bot")
+            survivor = BotProcess(server.address, tmp_path / "survivor", "survivor")
+            bots.append(survivor)
+            await survivor.registered()
+            await asyncio.sleep(3)  # the action has been running a while
+            killed_at = time.monotonic()
+            doomed.kill()
+            stream = await asyncio.wait_for(follower, 30)
+            elapsed = time.monotonic() - killed_at
+            print(f"{name}: the action completed on another bot {elapsed:.1f} s "
+                  "after its first bot was killed")
+            assert elapsed < 15, elapsed
+            response = execute_response(stream[-1])
+            assert response.status.code == code_pb2.OK, response.status
+            assert response.result.execution_metadata.worker == "survivor"
+            assert await stdout_of(channel, response.result) == b"ran-again\n"
             assert not log_has_no_traceback(server.output())
         finally:
             kill_process_group(pid_file)

@@ -17,8 +17,8 @@ import pytest
 from pgkit import StoreBackend
 
 from buildfleet.errors import BuildfleetError
+from buildfleet.scheduler.embedded import EmbeddedScheduler
 from buildfleet.scheduler.model import BotStatus
-from buildfleet.scheduler.scheduler import Scheduler
 
 pytestmark = pytest.mark.faults
 
@@ -27,7 +27,7 @@ async def test_an_unstorable_row_does_not_wedge_the_scheduler_database(
         backend: StoreBackend) -> None:
     store = backend.new_store()
     await store.start()
-    scheduler = Scheduler("", store)
+    scheduler = EmbeddedScheduler("", store)
     await scheduler.start()
     try:
         try:  # refused or accepted without being stored: either is fine

@@ -35,7 +35,7 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 from buildfleet.digest import Digest
-from buildfleet.scheduler.scheduler import Scheduler
+from buildfleet.scheduler.api import SchedulerAPI
 
 from .fuzz_engine import METHODS, method_path
 
@@ -125,7 +125,7 @@ async def test_capacity_beyond_what_a_bot_can_have(grid: RunningServer, capacity
     assert (await client.result(call)).status.code == code_pb2.OK
 
 
-def scheduler_of(grid: RunningServer) -> Scheduler:
+def scheduler_of(grid: RunningServer) -> SchedulerAPI:
     scheduler = grid.server.instances.get("").scheduler
     assert scheduler is not None
     return scheduler
@@ -133,7 +133,7 @@ def scheduler_of(grid: RunningServer) -> Scheduler:
 
 async def test_largest_capacity_is_accepted(grid: RunningServer) -> None:
     session = await StubBot(grid.channel, capacity=10_000).register()
-    assert scheduler_of(grid).sessions[session.name].capacity == 10_000
+    assert (await scheduler_of(grid).get_session(session.name)).capacity == 10_000
 
 
 # -- digests whose size does not match what is stored --------------------------------------
@@ -336,7 +336,7 @@ async def test_lease_of_another_session_cannot_be_completed_through_its_name(
         bots_pb2.UpdateBotSessionRequest(name=holder.session.name, bot_session=forged),
         timeout=2))
     assert code == INVALID and "belongs to bot 'holder'" in details
-    assert not any(op.done for op in scheduler_of(grid).operations.values())
+    assert not any(op.done for op in await scheduler_of(grid).list_operations())
 
     holder.complete(lease.id, action_result(0, b"the real result"))
     await holder.update(timeout=1.0)
@@ -359,6 +359,6 @@ async def test_oversized_bot_event_message_is_kept_bounded(grid: RunningServer,
     huge = "x" * (8 * MiB)
     await bot.stub.PostBotEventTemp(bots_pb2.PostBotEventTempRequest(
         name=session.name, type=bots_pb2.PostBotEventTempRequest.ERROR, msg=huge))
-    [event] = scheduler_of(grid).bot_events("chatty")
+    [event] = await scheduler_of(grid).bot_events("chatty")
     assert len(event.message) < 5000 and "more characters dropped" in event.message
     assert all(len(record.getMessage()) < 6000 for record in caplog.records)

@@ -1,22 +1,34 @@
-"""What the services ask of a scheduler, whichever implementation serves an instance.
+"""What the services ask of a scheduler, whichever strategy keeps its state.
 
-`Scheduler` (state in memory, written behind to SQLite or PostgreSQL) and
-`ReplicatedScheduler` (state in PostgreSQL, shared by several server replicas)
-both answer these calls; the services know only this protocol.
+Two strategies answer this protocol with the same behaviour (held to it by the
+contract suite, tests/contract): `EmbeddedScheduler` keeps the state in memory
+and writes it behind to SQLite (or PostgreSQL for one server);
+`ReplicatedScheduler` keeps it in PostgreSQL, shared by several server
+replicas.  Both take every decision from the scheduling core
+(`buildfleet.scheduler.rules`).  The values in and out are those of
+`buildfleet.scheduler.model`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from google.longrunning import operations_pb2
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.config import SchedulerConfig
 from buildfleet.digest import Digest
-from buildfleet.scheduler.model import BotEvent, BotSession, BotStatus, Lease, Operation, Properties
-from buildfleet.scheduler.scheduler import ReportedLease
-from buildfleet.scheduler.settings import SchedulerSettings
+from buildfleet.scheduler.model import (
+    BotEvent,
+    BotSession,
+    BotStatus,
+    Lease,
+    Operation,
+    Properties,
+    ReportedLease,
+)
 
 
 class Startable(Protocol):
@@ -27,7 +39,10 @@ class Startable(Protocol):
 
 class SchedulerAPI(Protocol):
     instance: str
-    settings: SchedulerSettings
+    settings: SchedulerConfig
+    # assigned, completed, retried, expired_sessions, abandoned_leases: counted once
+    # per event, on the process where it happened.
+    stats: Counter[str]
 
     @property
     def store(self) -> Startable: ...
@@ -56,6 +71,8 @@ class SchedulerAPI(Protocol):
 
     async def delete_operation(self, name: str) -> None: ...
 
+    async def queue_length(self) -> int: ...
+
     # -- bots
     async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
                              capacity: int, worker: bytes = b"") -> BotSession: ...
@@ -65,8 +82,19 @@ class SchedulerAPI(Protocol):
                              capacity: int | None = None, worker: bytes | None = None,
                              wait: float = 0.0) -> tuple[BotSession, list[Lease]]: ...
 
+    async def get_session(self, name: str) -> BotSession: ...
+
     async def post_event(self, name: str, event_type: str, message: str) -> BotEvent: ...
+
+    async def bot_events(self, bot_id: str) -> list[BotEvent]: ...
+
+    def is_polling(self, name: str) -> bool: ...
+
+    def polling(self) -> int: ...
 
     def live_sessions(self) -> Iterable[BotSession]: ...
 
     def connected_bots(self) -> int: ...
+
+    # -- time
+    async def housekeep(self) -> None: ...

@@ -7,7 +7,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from google.rpc import status_pb2
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
-from buildfleet.scheduler.model import Operation, Properties, Stage
+from buildfleet.scheduler.model import Operation, Properties
 
 TYPE_PREFIX = "type.googleapis.com/"
 EXECUTE_RESPONSE_URL = TYPE_PREFIX + re_pb2.ExecuteResponse.DESCRIPTOR.full_name
@@ -30,24 +30,20 @@ def execute_response(*, code: int = 0, message: str = "", result: re_pb2.ActionR
 
 def operation_proto(operation: Operation) -> operations_pb2.Operation:
     """The google.longrunning.Operation a client sees for `operation`."""
-    job = operation.job
-    stage = Stage.COMPLETED if operation.done else job.stage
-    metadata = re_pb2.ExecuteOperationMetadata(stage=int(stage))  # type: ignore[arg-type]
-    metadata.action_digest.hash = job.action_digest.hash
-    metadata.action_digest.size_bytes = job.action_digest.size_bytes
+    metadata = re_pb2.ExecuteOperationMetadata(stage=int(operation.stage))  # type: ignore[arg-type]
+    metadata.action_digest.hash = operation.action_digest.hash
+    metadata.action_digest.size_bytes = operation.action_digest.size_bytes
     metadata.digest_function = re_pb2.DigestFunction.SHA256
     partial = metadata.partial_execution_metadata
-    partial.queued_timestamp.FromNanoseconds(int(job.queued_at * 1e9))
-    if job.lease is not None:
-        partial.worker = job.lease.session.bot_id
-    elif job.worker:
-        partial.worker = job.worker
+    partial.queued_timestamp.FromNanoseconds(int(operation.queued_at * 1e9))
+    if operation.worker:
+        partial.worker = operation.worker
     message = operations_pb2.Operation(
         name=operation.name, done=operation.done,
         metadata=AnyProto(type_url=METADATA_URL, value=metadata.SerializeToString()))
-    response = operation.response
-    if operation.done and response is not None:
-        message.response.CopyFrom(AnyProto(type_url=EXECUTE_RESPONSE_URL, value=response))
+    if operation.done and operation.response is not None:
+        message.response.CopyFrom(AnyProto(type_url=EXECUTE_RESPONSE_URL,
+                                           value=operation.response))
     return message
 
 

@@ -12,10 +12,11 @@ blocking the event loop; in-memory and local-disk stores may answer at once.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 from buildfleet.digest import Digest
+from buildfleet.errors import BuildfleetError
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 
@@ -127,6 +128,21 @@ class BlobStore(abc.ABC):
         """Store several blobs."""
         for digest, data in blobs:
             await self.put(digest, data)
+
+    async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
+                        ) -> list[BuildfleetError | None]:
+        """Store several blobs, each on its own: per blob, its error (None when stored).
+
+        One `put` after another; stores that write a batch more cheaply at once
+        (the disk store on its I/O threads, a remote in one call) override it."""
+        results: list[BuildfleetError | None] = []
+        for digest, data in blobs:
+            try:
+                await self.put(digest, data)
+                results.append(None)
+            except BuildfleetError as error:
+                results.append(error)
+        return results
 
     @abc.abstractmethod
     async def begin_write(self, digest: Digest) -> BlobWriter:

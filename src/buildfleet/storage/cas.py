@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable, Hashable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -65,26 +65,6 @@ TRUST_MIN_SIZE = 1024 * 1024
 REVERIFY_AFTER = 3600.0
 # How many verified blobs are remembered (least recently verified forgotten first).
 MAX_REMEMBERED = 65536
-
-
-async def put_each(store: BlobStore, blobs: Sequence[tuple[Digest, bytes]]
-                   ) -> list[BuildfleetError | None]:
-    """Store several blobs, each on its own: per blob, its error (None when stored).
-
-    Uses the store's ``put_batch`` when it has one (the disk store writes a batch
-    on its I/O threads), else one `put` after another."""
-    put_batch = getattr(store, "put_batch", None)
-    if put_batch is not None:
-        results: list[BuildfleetError | None] = await put_batch(blobs)
-        return results
-    results = []
-    for digest, data in blobs:
-        try:
-            await store.put(digest, data)
-            results.append(None)
-        except BuildfleetError as error:
-            results.append(error)
-    return results
 
 
 class Cas:
@@ -149,7 +129,7 @@ class Cas:
             if first != index:
                 duplicates.append((index, first))
         order = list(pending.values())
-        stored = await put_each(self.store, [blobs[index] for index in order])
+        stored = await self.store.put_batch([blobs[index] for index in order])
         for index, outcome in zip(order, stored, strict=True):
             results[index] = outcome
         for index, first in duplicates:

@@ -20,8 +20,9 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from buildfleet.config import PostgresConfig
 from buildfleet.digest import Digest
-from buildfleet.scheduler.postgres import Database, PostgresSettings, migrate
+from buildfleet.postgres import Database, migrate
 from buildfleet.storage.base import (
     BlobReader,
     BlobStore,
@@ -40,8 +41,9 @@ _BATCH = 1000
 class PostgresStore(BlobStore):
     """Blobs of one namespace in the `blobs` table of a PostgreSQL database."""
 
-    def __init__(self, settings: PostgresSettings, *, namespace: str = "") -> None:
-        self.database = Database(settings)
+    def __init__(self, url: str, config: PostgresConfig | None = None, *,
+                 namespace: str = "") -> None:
+        self.database = Database(url, config)
         self.namespace = namespace
 
     async def start(self) -> None:

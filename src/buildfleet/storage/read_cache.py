@@ -36,7 +36,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError, ResourceExhausted
 from buildfleet.storage.base import BlobReader, BlobStore, BlobWriter, StoredBlob
-from buildfleet.storage.cas import put_each
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class ReadCachingStore(BlobStore):
         if not blobs:
             return
         try:
-            cached = await put_each(self.cache, blobs)
+            cached = await self.cache.put_batch(blobs)
         except BuildfleetError as error:
             cached = [error] * len(blobs)
         for (digest, _), failure in zip(blobs, cached, strict=True):
@@ -253,7 +252,7 @@ class ReadCachingStore(BlobStore):
     async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
                         ) -> list[BuildfleetError | None]:
         """Store several blobs, each on its own: per blob, its error or None."""
-        results = await put_each(self.backend, blobs)
+        results = await self.backend.put_batch(blobs)
         await self._cache_put_many(
             [blob for blob, error in zip(blobs, results, strict=True) if error is None])
         return results

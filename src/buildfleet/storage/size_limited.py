@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError, ResourceExhausted
 from buildfleet.storage.base import BlobReader, BlobStore, BlobWriter, StoredBlob
-from buildfleet.storage.cas import put_each
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ class SizeLimitedStore(BlobStore):
                 fitting.append(index)
             except ResourceExhausted as error:
                 results[index] = error
-        stored = await put_each(self.inner, [blobs[index] for index in fitting])
+        stored = await self.inner.put_batch([blobs[index] for index in fitting])
         for index, outcome in zip(fitting, stored, strict=True):
             results[index] = outcome
             if outcome is None:

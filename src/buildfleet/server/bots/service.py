@@ -37,15 +37,22 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
 )
 from buildfleet.errors import InvalidArgument
 from buildfleet.scheduler.api import SchedulerAPI
-from buildfleet.scheduler.model import BotSession, BotStatus, Lease, LeaseState, Properties
+from buildfleet.scheduler.model import (
+    BotSession,
+    BotStatus,
+    Lease,
+    LeaseState,
+    Properties,
+    ReportedLease,
+)
 from buildfleet.scheduler.protos import ACTION_URL, DIGEST_URL
-from buildfleet.scheduler.scheduler import ReportedLease
 from buildfleet.server.rpc import add_service, rpc
 
 __all__ = ["BaseBotsService", "BotMetrics", "BotsService", "UninstancedBotsService"]
 
 UNKNOWN_LABEL = "unknown"
 MIN_POLL = 0.05  # below this much remaining deadline, answer at once
+LONG_POLL_FRACTION = 0.8  # share of a call's deadline a long-poll may use
 MAX_CAPACITY = 10_000  # leases one bot may hold at once
 MAX_EVENT_MESSAGE = 4096  # characters of a PostBotEventTemp message that are kept
 
@@ -102,16 +109,15 @@ def _lease_proto(lease: Lease, offer_pending: bool) -> bots_pb2.Lease:
     message = bots_pb2.Lease(id=lease.id, state=int(lease.state))  # type: ignore[arg-type]
     if lease.state == LeaseState.CANCELLED:
         return message
-    job = lease.job
     if offer_pending:
-        digest = job.action_digest
+        digest = lease.action_digest
         payload = re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
         message.payload.type_url = DIGEST_URL
         message.payload.value = payload.SerializeToString()
     else:
         message.payload.type_url = ACTION_URL
-        message.payload.value = job.action
-    for key, value in sorted(job.requirements):
+        message.payload.value = lease.action
+    for key, value in sorted(lease.requirements):
         message.requirements.properties.add(key=key, value=value)
     return message
 
@@ -137,8 +143,8 @@ class BaseBotsService:
             version=str(session.version))
         if worker is not None:
             message.worker.CopyFrom(worker)
-        elif session.worker_proto:
-            message.worker.ParseFromString(session.worker_proto)
+        elif session.worker:
+            message.worker.ParseFromString(session.worker)
         offer_pending = scheduler.settings.offer_pending
         message.leases.extend(_lease_proto(lease, offer_pending) for lease in leases)
         message.expire_time.FromNanoseconds(
@@ -173,7 +179,7 @@ class BaseBotsService:
             wait = scheduler.settings.long_poll
         else:
             # Keep a margin for the answer to travel back before the deadline.
-            wait = min(remaining * scheduler.settings.long_poll_fraction, remaining - 0.2)
+            wait = min(remaining * LONG_POLL_FRACTION, remaining - 0.2)
             wait = 0.0 if wait < MIN_POLL else wait
         session, leases = await scheduler.update_session(
             request.name, bot_id=body.bot_id, status=BotStatus(body.status),

@@ -45,11 +45,7 @@ def _matcher(text: str) -> Callable[[Operation], bool]:
         raise InvalidArgument(f"filter {text!r}: stage must be QUEUED, EXECUTING or COMPLETED")
     stage = Stage[value]
 
-    def stage_is(operation: Operation) -> bool:
-        current = Stage.COMPLETED if operation.done else operation.job.stage
-        return current == stage
-
-    return stage_is
+    return lambda operation: operation.stage == stage
 
 
 def _sort_key(operation: Operation) -> tuple[float, str]:

@@ -9,8 +9,10 @@ a crash would matter, so many concurrent calls share one commit.  A batch is
 written when someone waits for it: changes saved meanwhile by other calls ride
 along, and a flush with nothing new to write costs one comparison.
 
-`SqliteSchedulerStore` is the embedded default (WAL, synchronous=FULL);
-`MemorySchedulerStore` keeps nothing and serves tests and throwaway grids.
+`SqliteSchedulerStore` (embedded/sqlite.py) is the default (WAL,
+synchronous=FULL), `PostgresSchedulerStore` (embedded/postgres.py) the same rows
+in PostgreSQL for one server; `MemorySchedulerStore` keeps nothing and serves
+tests and throwaway grids.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from buildfleet.errors import Unavailable
-from buildfleet.scheduler.model import BotSession, Job, Operation
+from buildfleet.scheduler.embedded.records import JobRecord, OperationRecord, SessionRecord
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def properties_json(properties: frozenset[tuple[str, str]]) -> str:
     return text
 
 
-def job_row(job: Job) -> Row:
+def job_row(job: JobRecord) -> Row:
     lease = job.lease
     return {
         "id": job.id, "instance": job.instance,
@@ -80,7 +80,7 @@ def job_row(job: Job) -> Row:
     }
 
 
-def operation_row(operation: Operation) -> Row:
+def operation_row(operation: OperationRecord) -> Row:
     return {
         "name": operation.name, "instance": operation.instance, "job_id": operation.job.id,
         "created_at": operation.created_at, "cancelled": int(operation.cancelled),
@@ -88,16 +88,16 @@ def operation_row(operation: Operation) -> Row:
     }
 
 
-def session_row(session: BotSession) -> Row:
+def session_row(session: SessionRecord) -> Row:
     return {
         "name": session.name, "instance": session.instance, "bot_id": session.bot_id,
         "status": int(session.status), "properties": properties_json(session.properties),
         "capacity": session.capacity, "created_at": session.created_at,
-        "version": session.version, "worker": session.worker_proto,
+        "version": session.version, "worker": session.worker,
     }
 
 
-_TABLES: dict[str, tuple[str, Callable[[Any], Row]]] = {
+TABLES: dict[str, tuple[str, Callable[[Any], Row]]] = {
     "jobs": ("id", job_row),
     "operations": ("name", operation_row),
     "sessions": ("name", session_row),
@@ -120,19 +120,19 @@ class SchedulerStore(abc.ABC):
         self.durable = 0  # the value `queued` had when the last committed batch was taken
 
     # -- what the scheduler calls -------------------------------------------
-    def save_job(self, job: Job) -> None:
+    def save_job(self, job: JobRecord) -> None:
         self._queue("jobs", job.id, job)
 
     def delete_job(self, job_id: str) -> None:
         self._queue("jobs", job_id, None)
 
-    def save_operation(self, operation: Operation) -> None:
+    def save_operation(self, operation: OperationRecord) -> None:
         self._queue("operations", operation.name, operation)
 
     def delete_operation(self, name: str) -> None:
         self._queue("operations", name, None)
 
-    def save_session(self, session: BotSession) -> None:
+    def save_session(self, session: SessionRecord) -> None:
         self._queue("sessions", session.name, session)
 
     def delete_session(self, name: str) -> None:
@@ -223,7 +223,7 @@ class SchedulerStore(abc.ABC):
                 if item is None:
                     deletes.setdefault(table, []).append(key)
                 else:
-                    upserts.setdefault(table, []).append(_TABLES[table][1](item))
+                    upserts.setdefault(table, []).append(TABLES[table][1](item))
             self._writing = True
             try:
                 try:
@@ -259,7 +259,7 @@ class SchedulerStore(abc.ABC):
                     await self._write({table: [row]}, {})
                 except UNSTORABLE as row_error:
                     log.error("scheduler store: left out %s row %r, which cannot be "
-                              "stored: %s", table, row[_TABLES[table][0]], row_error)
+                              "stored: %s", table, row[TABLES[table][0]], row_error)
         if deletes:
             await self._write({}, deletes)
 
@@ -284,7 +284,7 @@ class MemorySchedulerStore(SchedulerStore):
 
     def __init__(self) -> None:
         super().__init__()
-        self.tables: dict[str, dict[str, Row]] = {name: {} for name in _TABLES}
+        self.tables: dict[str, dict[str, Row]] = {name: {} for name in TABLES}
 
     async def load(self, instance: str) -> StoredState:
         state = StoredState()
@@ -295,109 +295,9 @@ class MemorySchedulerStore(SchedulerStore):
 
     async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
         for table, rows in upserts.items():
-            key = _TABLES[table][0]
+            key = TABLES[table][0]
             for row in rows:
                 self.tables[table][row[key]] = row
         for table, keys in deletes.items():
             for key in keys:
                 self.tables[table].pop(key, None)
-
-
-_SCHEMA = [
-    # version 1
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY, instance TEXT NOT NULL,
-        action_hash TEXT NOT NULL, action_size INTEGER NOT NULL, action BLOB NOT NULL,
-        requirements TEXT NOT NULL, priority INTEGER NOT NULL, cacheable INTEGER NOT NULL,
-        timeout REAL NOT NULL, queued_at REAL NOT NULL, seq INTEGER NOT NULL,
-        stage INTEGER NOT NULL, attempts INTEGER NOT NULL, response BLOB,
-        lease_id TEXT, lease_session TEXT, lease_state INTEGER,
-        failed_on TEXT NOT NULL, last_failure TEXT NOT NULL, completed_at REAL,
-        worker TEXT NOT NULL
-    );
-    CREATE INDEX jobs_instance ON jobs (instance);
-    CREATE TABLE operations (
-        name TEXT PRIMARY KEY, instance TEXT NOT NULL, job_id TEXT NOT NULL,
-        created_at REAL NOT NULL, cancelled INTEGER NOT NULL, own_response BLOB
-    );
-    CREATE INDEX operations_instance ON operations (instance);
-    CREATE TABLE sessions (
-        name TEXT PRIMARY KEY, instance TEXT NOT NULL, bot_id TEXT NOT NULL,
-        status INTEGER NOT NULL, properties TEXT NOT NULL, capacity INTEGER NOT NULL,
-        created_at REAL NOT NULL, version INTEGER NOT NULL, worker BLOB NOT NULL
-    );
-    CREATE INDEX sessions_instance ON sessions (instance);
-    """,
-]
-
-
-class SqliteSchedulerStore(SchedulerStore):
-    """Rows in one SQLite file (WAL), written by one background thread."""
-
-    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
-        super().__init__()
-        self.path = Path(path)
-        self._synchronous = synchronous
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._db: sqlite3.Connection | None = None
-
-    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-
-    async def _open(self) -> None:
-        await self._run(self._open_sync)
-
-    def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self._synchronous}")
-        db.execute("PRAGMA busy_timeout=10000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(_SCHEMA):
-            raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
-                               f"buildfleet ({len(_SCHEMA)}); upgrade buildfleet")
-        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
-        db.row_factory = sqlite3.Row
-        self._db = db
-
-    async def _close(self) -> None:
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
-
-    async def load(self, instance: str) -> StoredState:
-        return await self._run(self._load_sync, instance)
-
-    def _load_sync(self, instance: str) -> StoredState:
-        assert self._db is not None
-        state = StoredState()
-        for table, target in (("jobs", state.jobs), ("operations", state.operations),
-                              ("sessions", state.sessions)):
-            rows = self._db.execute(f"SELECT * FROM {table} WHERE instance = ?", (instance,))
-            target.extend(dict(row) for row in rows)
-        return state
-
-    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
-        await self._run(self._write_sync, upserts, deletes)
-
-    def _write_sync(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN")
-        try:
-            for table, rows in upserts.items():
-                columns = list(rows[0])
-                sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
-                       f"VALUES ({', '.join('?' * len(columns))})")
-                db.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
-            for table, keys in deletes.items():
-                key = _TABLES[table][0]
-                db.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k in keys])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise

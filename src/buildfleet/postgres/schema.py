@@ -1,11 +1,13 @@
-"""The PostgreSQL schema of the scheduler database, as versioned migrations.
+"""The PostgreSQL schema of buildfleet's database, as versioned migrations.
 
 ``MIGRATIONS[0]`` is version 1, ``MIGRATIONS[1]`` version 2, and so on.  A
 migration is one SQL script (several statements allowed) that
-`buildfleet.scheduler.postgres.migrate` runs in its own transaction; to change the
+`buildfleet.postgres.migrations.migrate` runs in its own transaction; to change the
 schema, append a script -- never edit one that has shipped, since databases already
 at that version will not run it again.  Names are never schema-qualified: every
-object lives in the connection's ``search_path`` schema.
+object lives in the connection's ``search_path`` schema.  Stage and state numbers
+in the scripts are those of `buildfleet.scheduler.model` (stage 2 QUEUED, 3
+EXECUTING, 4 COMPLETED); the scripts are history and are never rewritten.
 """
 
 from __future__ import annotations
@@ -143,5 +145,22 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX grid_jobs_dedup ON grid_jobs (instance, action_hash, action_size)
         WHERE cacheable AND (stage <> 4 OR dedup);
     CREATE INDEX grid_jobs_dedup_finished ON grid_jobs (instance, completed_at) WHERE dedup;
+    """,
+    # version 5: the replicated strategy applies the scheduling core
+    # (buildfleet.scheduler.rules): a lease's id is derived from the job's id and
+    # attempts, so it is no longer stored; how long a job may run is fixed when it
+    # is submitted (`run_limit`) and its `deadline` set whenever a lease starts; a
+    # job a bot failed is kept from that bot until `retry_at`.
+    """
+    ALTER TABLE grid_jobs ADD COLUMN run_limit double precision NOT NULL DEFAULT 0;
+    ALTER TABLE grid_jobs ADD COLUMN deadline double precision;
+    ALTER TABLE grid_jobs ADD COLUMN retry_at double precision;
+    UPDATE grid_jobs SET run_limit = (CASE WHEN timeout > 0 THEN timeout ELSE 3600 END) + 30;
+    UPDATE grid_jobs SET deadline = started_at + run_limit
+        WHERE stage = 3 AND started_at IS NOT NULL;
+    DROP INDEX grid_jobs_running;
+    ALTER TABLE grid_jobs DROP COLUMN lease_id;
+    ALTER TABLE grid_jobs DROP COLUMN started_at;
+    CREATE INDEX grid_jobs_deadline ON grid_jobs (instance, deadline) WHERE stage = 3;
     """,
 ]

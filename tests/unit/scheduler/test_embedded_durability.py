@@ -1,7 +1,6 @@
-"""The scheduler's fast paths keep their promises: what a client or bot is told is
-stored first (and a result is in the action cache before a client hears of it),
-commits are shared and happen only when someone waits, and old operations are
-forgotten without scanning every one."""
+"""The embedded strategy's fast paths keep their promises: what a client or bot is
+told is stored first, commits are shared and happen only when someone waits, and
+old operations are forgotten without scanning every one."""
 
 from __future__ import annotations
 
@@ -13,13 +12,13 @@ from google.longrunning import operations_pb2
 from google.protobuf.any_pb2 import Any as AnyProto
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.config import SchedulerConfig
 from buildfleet.digest import Digest
-from buildfleet.scheduler.model import BotSession, BotStatus, LeaseState, Operation
-from buildfleet.scheduler.scheduler import ReportedLease, Scheduler
-from buildfleet.scheduler.settings import SchedulerSettings
-from buildfleet.scheduler.store import MemorySchedulerStore, Row
-from buildfleet.storage import Cas, MemoryStore
-from buildfleet.storage.action_cache import ActionCache
+from buildfleet.scheduler.embedded import EmbeddedScheduler, MemorySchedulerStore
+from buildfleet.scheduler.embedded.housekeeping import forget_old
+from buildfleet.scheduler.embedded.records import SessionRecord
+from buildfleet.scheduler.embedded.store import Row
+from buildfleet.scheduler.model import BotStatus, LeaseState, Operation, ReportedLease
 
 LINUX = frozenset({("OSFamily", "linux")})
 
@@ -45,13 +44,13 @@ def result_any(result: re_pb2.ActionResult) -> AnyProto:
     return packed
 
 
-def session(name: str) -> BotSession:
-    return BotSession(name=name, instance="", bot_id=f"bot-{name}", status=BotStatus.OK,
-                      properties=LINUX, capacity=1, created_at=time.time(),
-                      last_seen=time.monotonic())
+def session(name: str) -> SessionRecord:
+    return SessionRecord(name=name, instance="", bot_id=f"bot-{name}", status=BotStatus.OK,
+                         properties=LINUX, capacity=1, created_at=time.time(),
+                         last_seen=time.monotonic())
 
 
-async def submitted(scheduler: Scheduler, salt: str) -> tuple[Operation, Digest]:
+async def submitted(scheduler: EmbeddedScheduler, salt: str) -> tuple[Operation, Digest]:
     action = re_pb2.Action(salt=salt.encode())
     digest = Digest.of(action.SerializeToString())
     operation = await scheduler.submit(digest, action, LINUX)
@@ -61,7 +60,7 @@ async def submitted(scheduler: Scheduler, salt: str) -> tuple[Operation, Digest]
 async def test_a_completed_operation_is_told_only_once_its_result_is_stored() -> None:
     store = GatedStore()
     await store.start()
-    scheduler = Scheduler("", store)
+    scheduler = EmbeddedScheduler("", store)
     await scheduler.start()
     try:
         bot = await scheduler.create_session("bot", status=BotStatus.OK,
@@ -85,16 +84,16 @@ async def test_a_completed_operation_is_told_only_once_its_result_is_stored() ->
         await asyncio.wait_for(store.writing.wait(), 5)
         await asyncio.sleep(0.05)
         # The job is done in memory, but neither the bot nor the client has heard.
-        assert operation.done
+        assert scheduler.state.operations[operation.name].done
         assert not bot_call.done() and not snapshot.done()
         rows = {row["id"]: row for row in store.tables["jobs"].values()}
-        assert rows[operation.job.id]["response"] is None
+        assert rows[operation.job_id]["response"] is None
 
         store.gate.set()
         assert (await asyncio.wait_for(snapshot, 5)).done
         await asyncio.wait_for(bot_call, 5)
         rows = {row["id"]: row for row in store.tables["jobs"].values()}
-        assert rows[operation.job.id]["response"] is not None
+        assert rows[operation.job_id]["response"] is not None
     finally:
         store.gate.set()
         await scheduler.close()
@@ -142,7 +141,8 @@ async def test_changes_are_committed_when_someone_waits_for_them() -> None:
 async def test_housekeeping_commits_changes_nobody_flushed() -> None:
     store = MemorySchedulerStore()
     await store.start()
-    scheduler = Scheduler("", store, settings=SchedulerSettings(tick=0.05))
+    scheduler = EmbeddedScheduler("", store,
+                                  settings=SchedulerConfig(housekeeping_interval=0.05))
     await scheduler.start()
     try:
         store.save_session(session("left-behind"))
@@ -156,45 +156,46 @@ async def test_housekeeping_commits_changes_nobody_flushed() -> None:
 async def test_old_operations_and_their_jobs_are_forgotten_recent_ones_kept() -> None:
     store = MemorySchedulerStore()
     await store.start()
-    settings = SchedulerSettings(completed_retention=100.0, tick=3600)
-    scheduler = Scheduler("", store, settings=settings)
+    settings = SchedulerConfig(completed_retention=100.0, housekeeping_interval=60)
+    scheduler = EmbeddedScheduler("", store, settings=settings)
     await scheduler.start()
+    state = scheduler.state
     try:
         done, _ = await submitted(scheduler, "done")
         cancelled_only, _ = await submitted(scheduler, "cancelled")
         running, _ = await submitted(scheduler, "running")
         joined, digest = await submitted(scheduler, "shared")
         other = await scheduler.submit(digest, re_pb2.Action(salt=b"shared"), LINUX)
-        assert other.job is joined.job
+        assert other.job_id == joined.job_id
         hit = await scheduler.record_cache_hit(Digest.of(b"cached"), re_pb2.ActionResult())
         await scheduler.cancel_operation(cancelled_only.name)
         await scheduler.cancel_operation(done.name)
         await scheduler.delete_operation(other.name)
-        for job in {done.job, joined.job}:
-            scheduler._complete(job, b"")
+        for job_id in {done.job_id, joined.job_id}:
+            state.complete(state.jobs[job_id], b"")
 
         wall = time.time()
-        scheduler.housekeep()  # nothing is old yet
-        assert len(scheduler.operations) == 5
-        scheduler._forget_old(wall + 50)
-        assert len(scheduler.operations) == 5
+        await scheduler.housekeep()  # nothing is old yet
+        assert len(state.operations) == 5
+        forget_old(state, wall + 50)
+        assert len(state.operations) == 5
 
-        scheduler._forget_old(wall + 200)
+        forget_old(state, wall + 200)
         # Every done operation went, with the jobs nobody refers to any more; the
         # operation still running stays, and so does its job.
-        assert set(scheduler.operations) == {running.name}
-        assert set(scheduler.jobs) == {running.job.id}
-        assert hit.name not in scheduler.operations
+        assert set(state.operations) == {running.name}
+        assert set(state.jobs) == {running.job_id}
+        assert hit.name not in state.operations
         await store.flush()
         assert set(store.tables["operations"]) == {running.name}
-        assert set(store.tables["jobs"]) == {running.job.id}
+        assert set(store.tables["jobs"]) == {running.job_id}
 
         # Done later: forgotten once its own retention has passed, not before.
-        scheduler._complete(running.job, b"")
-        scheduler._forget_old(time.time() + 50)
-        assert set(scheduler.operations) == {running.name}
-        scheduler._forget_old(time.time() + 200)
-        assert not scheduler.operations and not scheduler.jobs
+        state.complete(state.jobs[running.job_id], b"")
+        forget_old(state, time.time() + 50)
+        assert set(state.operations) == {running.name}
+        forget_old(state, time.time() + 200)
+        assert not state.operations and not state.jobs
     finally:
         await scheduler.close()
         await store.close()
@@ -203,85 +204,20 @@ async def test_old_operations_and_their_jobs_are_forgotten_recent_ones_kept() ->
 async def test_restored_done_operations_expire_too() -> None:
     store = MemorySchedulerStore()
     await store.start()
-    settings = SchedulerSettings(completed_retention=100.0, tick=3600)
+    settings = SchedulerConfig(completed_retention=100.0, housekeeping_interval=60)
     try:
-        first = Scheduler("", store, settings=settings)
+        first = EmbeddedScheduler("", store, settings=settings)
         await first.start()
         done, _ = await submitted(first, "before-restart")
         queued, _ = await submitted(first, "still-queued")
-        first._complete(done.job, b"")
+        first.state.complete(first.state.jobs[done.job_id], b"")
         await store.flush()
         await first.close()
 
-        second = Scheduler("", store, settings=settings)
+        second = EmbeddedScheduler("", store, settings=settings)
         await second.start()
-        second._forget_old(time.time() + 200)
-        assert set(second.operations) == {queued.name}
+        forget_old(second.state, time.time() + 200)
+        assert set(second.state.operations) == {queued.name}
         await second.close()
     finally:
-        await store.close()
-
-
-class GatedBlobStore(MemoryStore):
-    """An in-memory blob store whose puts wait until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.putting = asyncio.Event()
-
-    async def put(self, digest: Digest, data: bytes) -> None:
-        self.putting.set()
-        await self.gate.wait()
-        await super().put(digest, data)
-
-
-async def test_clients_hear_of_a_result_once_it_is_cached_bots_once_it_is_stored() -> None:
-    store = MemorySchedulerStore()
-    await store.start()
-    cas = Cas(MemoryStore())
-    entries = GatedBlobStore()
-    cache = ActionCache(entries, cas)
-    scheduler = Scheduler("", store, action_cache=cache)
-    await scheduler.start()
-    try:
-        bot = await scheduler.create_session("bot", status=BotStatus.OK,
-                                             properties=LINUX, capacity=1)
-        operation, digest = await submitted(scheduler, "cached")
-        _, (lease,) = await scheduler.update_session(bot.name, bot_id="bot",
-                                                     status=BotStatus.OK, leases=[])
-        watch = scheduler.watch(operation)
-        assert not (await anext(watch)).done
-
-        entries.gate.clear()
-        report = ReportedLease(id=lease.id, state=LeaseState.COMPLETED,
-                               result=result_any(re_pb2.ActionResult(exit_code=0)))
-
-        async def next_snapshot() -> operations_pb2.Operation:
-            return await anext(watch)
-
-        snapshot = asyncio.create_task(next_snapshot())
-        # The bot is answered as soon as the result is durable ...
-        await asyncio.wait_for(scheduler.update_session(
-            bot.name, bot_id="bot", status=BotStatus.OK, leases=[report]), 5)
-        await asyncio.wait_for(entries.putting.wait(), 5)
-        assert operation.done and store.durable >= store.queued
-        # ... while the client waits for the action cache entry, and the same action
-        # submitted meanwhile joins the finished job instead of running again.
-        await asyncio.sleep(0.05)
-        assert not snapshot.done()
-        again = await scheduler.submit(digest, re_pb2.Action(salt=b"cached"), LINUX)
-        assert again.job is operation.job
-
-        entries.gate.set()
-        assert (await asyncio.wait_for(snapshot, 5)).done
-        assert await cache.get(digest) is not None
-        assert (await anext(scheduler.watch(again))).done
-        # Once cached, a new submission (one that skipped the cache) runs anew.
-        third = await scheduler.submit(digest, re_pb2.Action(salt=b"cached"), LINUX)
-        assert third.job is not operation.job and not third.job.done
-    finally:
-        entries.gate.set()
-        await scheduler.close()
         await store.close()

@@ -1,10 +1,10 @@
-"""The queue of jobs waiting for a bot, grouped by platform requirements.
+"""The embedded strategy's index of queued jobs, grouped by platform requirements.
 
-Jobs with the same requirement set share a group; a bot can take from every
-group whose requirements are a subset of its properties.  Within and across
-groups the order is priority (lower first), then submission order; a share of
-picks ignores priority and takes the oldest job, so low-priority work is never
-starved.  Removal is lazy: stale heap entries are skipped when they surface.
+It answers `rules.matching.pick` without looking at every job: jobs with the
+same requirement set share a group with two heaps, one in the core's urgency
+order and one in its age order; a bot takes from every group whose
+requirements it satisfies, and `rules.matching.Fairness` says which order each
+pick uses.  Removal is lazy: stale heap entries are skipped when they surface.
 """
 
 from __future__ import annotations
@@ -15,25 +15,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from buildfleet.scheduler.model import Job, Properties, Stage
+from buildfleet.scheduler.embedded.records import JobRecord
+from buildfleet.scheduler.model import Properties
+from buildfleet.scheduler.rules.matching import Fairness, age, satisfies, urgency
 
 
 @dataclass
 class _Group:
     requirements: Properties
-    members: set[Job] = field(default_factory=set)
-    by_priority: list[tuple[int, int, int, Job]] = field(default_factory=list)
-    by_age: list[tuple[int, Job]] = field(default_factory=list)
+    members: set[JobRecord] = field(default_factory=set)
+    by_priority: list[tuple[int, int, int, JobRecord]] = field(default_factory=list)
+    by_age: list[tuple[int, JobRecord]] = field(default_factory=list)
 
-    def _valid(self, job: Job, priority: int | None = None) -> bool:
+    def _valid(self, job: JobRecord, priority: int | None = None) -> bool:
         return job in self.members and (priority is None or priority == job.priority)
 
-    def candidates(self, oldest_first: bool, accept: Callable[[Job], bool],
-                   scan_limit: int = 32) -> Job | None:
+    def candidates(self, oldest_first: bool, accept: Callable[[JobRecord], bool],
+                   scan_limit: int = 32) -> JobRecord | None:
         """The best member that `accept` admits, looking at most `scan_limit` deep."""
         heap: list[Any] = self.by_age if oldest_first else self.by_priority
         skipped: list[Any] = []
-        found: Job | None = None
+        found: JobRecord | None = None
         while heap and len(skipped) < scan_limit:
             entry = heap[0]
             job = entry[-1]
@@ -56,33 +58,32 @@ class JobQueue:
     def __init__(self, fairness_share: float = 0.1) -> None:
         self._groups: dict[Properties, _Group] = {}
         self._size = 0
-        self._picks = 0
-        self._every = round(1 / fairness_share) if fairness_share > 0 else 0
+        self.fairness = Fairness(fairness_share)
 
     def __len__(self) -> int:
         return self._size
 
-    def __contains__(self, job: Job) -> bool:
+    def __contains__(self, job: JobRecord) -> bool:
         group = self._groups.get(job.requirements)
         return group is not None and job in group.members
 
-    def push(self, job: Job) -> None:
+    def push(self, job: JobRecord) -> None:
         group = self._groups.get(job.requirements)
         if group is None:
             group = self._groups[job.requirements] = _Group(job.requirements)
         if job not in group.members:
             group.members.add(job)
             self._size += 1
-            heapq.heappush(group.by_age, (job.seq, job))
-            heapq.heappush(group.by_priority, (job.priority, job.seq, next(_tiebreak), job))
+            heapq.heappush(group.by_age, (*age(job), job))
+            heapq.heappush(group.by_priority, (*urgency(job), next(_tiebreak), job))
 
-    def reprioritize(self, job: Job) -> None:
+    def reprioritize(self, job: JobRecord) -> None:
         """Call after lowering `job.priority` (more urgent) while it is queued."""
         group = self._groups.get(job.requirements)
         if group is not None and job in group.members:
-            heapq.heappush(group.by_priority, (job.priority, job.seq, next(_tiebreak), job))
+            heapq.heappush(group.by_priority, (*urgency(job), next(_tiebreak), job))
 
-    def remove(self, job: Job) -> bool:
+    def remove(self, job: JobRecord) -> bool:
         group = self._groups.get(job.requirements)
         if group is None or job not in group.members:
             return False
@@ -93,38 +94,29 @@ class JobQueue:
         return True
 
     def pop_for(self, properties: Properties,
-                accept: Callable[[Job], bool] = lambda job: True) -> Job | None:
+                accept: Callable[[JobRecord], bool] = lambda job: True) -> JobRecord | None:
         """Remove and return the job a bot with `properties` should run next."""
-        oldest_first = self._every > 0 and (self._picks + 1) % self._every == 0
-        best: Job | None = None
+        oldest_first = self.fairness.next_batch(1)[1]
+        order = age if oldest_first else urgency
+        best: JobRecord | None = None
         for requirements, group in self._groups.items():
-            if not requirements <= properties:
+            if not satisfies(properties, requirements):
                 continue
             job = group.candidates(oldest_first, accept)
-            if job is None:
-                continue
-            if best is None or _key(job, oldest_first) < _key(best, oldest_first):
+            if job is not None and (best is None or order(job) < order(best)):
                 best = job
         if best is not None:
-            self._picks += 1  # only assignments count towards the fairness share
+            self.fairness.picked(1)  # only assignments count towards the fairness share
             self.remove(best)
         return best
 
-    def groups(self) -> Iterator[tuple[Properties, set[Job]]]:
+    def groups(self) -> Iterator[tuple[Properties, set[JobRecord]]]:
         for requirements, group in self._groups.items():
             yield requirements, group.members
 
-    def jobs(self) -> Iterator[Job]:
+    def jobs(self) -> Iterator[JobRecord]:
         for group in self._groups.values():
             yield from group.members
 
 
 _tiebreak = itertools.count()
-
-
-def _key(job: Job, oldest_first: bool) -> tuple[int, ...]:
-    return (job.seq,) if oldest_first else (job.priority, job.seq)
-
-
-def is_queued(job: Job) -> bool:
-    return job.stage == Stage.QUEUED and job.lease is None

@@ -1,0 +1,83 @@
+"""The write-behind store's rows in PostgreSQL, for one server (`postgres: {mode:
+single-server}`): the embedded strategy's state in memory, written behind as with
+SQLite, one transaction per batch.  Several servers sharing a database use the
+replicated strategy instead."""
+
+from __future__ import annotations
+
+import psycopg
+from google.rpc import error_details_pb2
+from psycopg.rows import dict_row
+
+from buildfleet.config import PostgresConfig
+from buildfleet.errors import Unavailable
+from buildfleet.postgres import Database, first_line, migrate, retry_info
+from buildfleet.scheduler.embedded.store import TABLES, Row, SchedulerStore, StoredState
+
+
+def _upsert_sql(table: str, columns: list[str]) -> str:
+    key = TABLES[table][0]
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != key)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(['%s'] * len(columns))}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET {updates}")
+
+
+class PostgresSchedulerStore(SchedulerStore):
+    """The write-behind store's rows in PostgreSQL; one transaction per batch."""
+
+    def __init__(self, url: str, config: PostgresConfig | None = None) -> None:
+        super().__init__()
+        self.database = Database(url, config)
+
+    async def _open(self) -> None:
+        await self.database.open()
+        try:
+            async with self.database.connection() as conn:
+                await migrate(conn)
+        except BaseException:
+            await self.database.close()
+            raise
+
+    async def _close(self) -> None:
+        await self.database.close()
+
+    async def flush(self) -> None:
+        try:
+            await super().flush()
+        except Unavailable as error:
+            if any(isinstance(d, error_details_pb2.RetryInfo) for d in error.details):
+                raise
+            raise Unavailable(error.message,
+                              details=[*error.details, retry_info(self.database.config.retry_after)]
+                              ) from error
+
+    async def load(self, instance: str) -> StoredState:
+        state = StoredState()
+        async with self.database.connection() as conn:
+            for table, target in (("jobs", state.jobs), ("operations", state.operations),
+                                  ("sessions", state.sessions)):
+                cursor = conn.cursor(row_factory=dict_row)
+                await cursor.execute(f"SELECT * FROM {table} WHERE instance = %s", (instance,))
+                target.extend(await cursor.fetchall())
+        return state
+
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        try:
+            async with self.database.transaction() as conn, conn.cursor() as cursor:
+                for table, rows in upserts.items():
+                    columns = list(rows[0])
+                    await cursor.executemany(_upsert_sql(table, columns),
+                                             [tuple(row[c] for c in columns) for row in rows])
+                for table, keys in deletes.items():
+                    await cursor.execute(
+                        f"DELETE FROM {table} WHERE {TABLES[table][0]} = ANY(%s)", (keys,))
+        # A value PostgreSQL cannot hold (out of range, a NUL in text, a NULL where
+        # none may be) or psycopg cannot send fails however often it is retried: the
+        # base class then writes the batch row by row and leaves such rows out.
+        except (psycopg.DataError, psycopg.IntegrityError) as error:
+            raise ValueError(first_line(error)) from error
+        except psycopg.ProgrammingError as error:
+            if error.sqlstate is not None:  # the statement, not a value: keep the batch
+                raise
+            raise TypeError(first_line(error)) from error

@@ -1,0 +1,349 @@
+"""The embedded strategy: one instance's scheduler with its state in memory.
+
+State lives in `EmbeddedState` and changes only on the event loop; every change
+is handed to the `SchedulerStore` (SQLite by default, or PostgreSQL for one
+server), and calls whose change must not be lost (a submission, an accepted
+result) await `store.flush()` before they answer, so many concurrent calls
+share one commit.  Waking is event-driven: a job submitted while a bot
+long-polls is leased to that bot at once and its call returns; a cancelled
+lease wakes the bot holding it.  One housekeeping task applies the timers.
+
+The decisions are the core's (`buildfleet.scheduler.rules`); how each former
+difference between the two strategies was settled is written down in
+`buildfleet.scheduler` (the package docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from google.longrunning import operations_pb2
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.config import SchedulerConfig
+from buildfleet.digest import Digest
+from buildfleet.errors import NotFound
+from buildfleet.scheduler.embedded.housekeeping import housekeep
+from buildfleet.scheduler.embedded.records import JobRecord, OperationRecord, SessionRecord
+from buildfleet.scheduler.embedded.restore import restore
+from buildfleet.scheduler.embedded.state import EmbeddedState
+from buildfleet.scheduler.embedded.store import SchedulerStore
+from buildfleet.scheduler.model import (
+    BotEvent,
+    BotSession,
+    BotStatus,
+    Lease,
+    LeaseState,
+    Operation,
+    Properties,
+    ReportedLease,
+)
+from buildfleet.scheduler.notify import Wakers
+from buildfleet.scheduler.protos import operation_proto
+from buildfleet.scheduler.results import LeasedJob, settle
+from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
+from buildfleet.scheduler.rules.matching import takes_work
+from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.storage.action_cache import ActionCache
+
+log = logging.getLogger(__name__)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class EmbeddedScheduler:
+    """Schedules the actions of one instance onto its bots, state in memory."""
+
+    def __init__(self, instance: str, store: SchedulerStore, *,
+                 action_cache: ActionCache | None = None,
+                 settings: SchedulerConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 new_id: Callable[[], str] = _new_id) -> None:
+        self.instance = instance
+        self.store = store
+        self.action_cache = action_cache
+        self.settings = settings or SchedulerConfig()
+        self._sessions = Wakers()  # session name -> its long-poll
+        self._jobs = Wakers()  # job id -> watchers of its operations
+        self.state = EmbeddedState(
+            instance, self.settings, store, clock=clock, wall=wall, new_id=new_id,
+            wake_session=lambda session: self._sessions.notify(session.name),
+            wake_job=lambda job: self._jobs.notify(job.id))
+        self.stats = self.state.stats
+        self._housekeeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> None:
+        """Restore stored state and start housekeeping (once; later calls do nothing)."""
+        if self._housekeeper is not None:
+            return
+        restore(self.state, await self.store.load(self.instance))
+        self._housekeeper = asyncio.create_task(self._housekeeping(),
+                                                name=f"scheduler[{self.instance!r}]")
+
+    async def close(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+            self._housekeeper = None
+        self._sessions.notify_all()
+        self._jobs.notify_all()
+
+    # ---------------------------------------------------------------- clients
+    def check_timeout(self, action: re_pb2.Action) -> float:
+        """The action's timeout in seconds; InvalidArgument when out of bounds."""
+        return submissions.action_timeout(action, self.settings.max_timeout)
+
+    async def submit(self, action_digest: Digest, action: re_pb2.Action,
+                     requirements: Properties, *, priority: int = 0,
+                     skip_cache_lookup: bool = False) -> Operation:
+        """Queue an action (or join an identical one); a new operation for it."""
+        record = self.state.submit(
+            action_digest, action.SerializeToString(deterministic=True), requirements,
+            priority=priority, timeout=self.check_timeout(action),
+            cacheable=not action.do_not_cache, skip_cache_lookup=skip_cache_lookup)
+        await self.store.flush()
+        return record.view()
+
+    async def record_cache_hit(self, action_digest: Digest,
+                               result: re_pb2.ActionResult) -> Operation:
+        """A completed operation answering from the action cache."""
+        record = self.state.cache_hit(action_digest, outcomes.cache_hit(result))
+        await self.store.flush()
+        return record.view()
+
+    def _operation(self, name: str) -> OperationRecord:
+        record = self.state.operation(name)
+        if record is None:
+            raise NotFound(f"operation {name!r} does not exist (or has expired)")
+        return record
+
+    async def get_operation(self, name: str) -> Operation:
+        record = self._operation(name)
+        await self._durable(record)
+        return record.view()
+
+    async def list_operations(self) -> list[Operation]:
+        """Every operation of the instance."""
+        await self.store.flush()
+        return [record.view() for record in self.state.operations.values()]
+
+    async def _durable(self, record: OperationRecord) -> None:
+        """Wait until the end of a done operation (its result, its cancellation) is stored."""
+        marks = self.state.done_marks
+        if not record.done or not marks:
+            return
+        mark = max(marks.get(record.job.id, 0), marks.get(record.name, 0))
+        if mark > self.store.durable:
+            await self.store.flush_until(mark)
+
+    async def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]:
+        """Snapshots of the operation: now, then after each change, until it is done.
+
+        Each snapshot is taken when it is yielded, so a change that happens while
+        the consumer is busy with one is seen (and yielded) at the next step.  A
+        snapshot is yielded once what it shows is durable.  NotFound when the
+        operation is deleted meanwhile.
+        """
+        record = self._operation(operation.name)
+        job: JobRecord = record.job
+        notifier = self._jobs.subscribe(job.id)
+        try:
+            last: tuple[bool, int] | None = None
+            while True:
+                if record.deleted:
+                    raise NotFound(f"operation {record.name!r} was deleted")
+                waiter = notifier.waiter()
+                state = (record.done, job.stage)
+                if state != last:
+                    last = state
+                    snapshot = operation_proto(record.view())
+                    await self._durable(record)
+                    yield snapshot
+                    continue
+                if record.done:
+                    return
+                await waiter.wait()
+        finally:
+            self._jobs.release(job.id)
+
+    async def cancel_operation(self, name: str) -> None:
+        """Cancel one operation; the job stops when no operation still wants it."""
+        self.state.cancel_operation(self._operation(name))
+        await self.store.flush()
+
+    async def delete_operation(self, name: str) -> None:
+        """Forget an operation (the action itself keeps running for other waiters)."""
+        self.state.delete_operation(self._operation(name))
+        await self.store.flush()
+
+    async def queue_length(self) -> int:
+        return len(self.state.queue)
+
+    # ------------------------------------------------------------------- bots
+    async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
+                             capacity: int, worker: bytes = b"") -> BotSession:
+        """Register a bot; an older session of the same bot_id is closed."""
+        session = self.state.open_session(bot_id, status=status, properties=properties,
+                                          capacity=capacity, worker=worker)
+        await self.store.flush()
+        log.info("bot %s registered as %s (capacity %d)", bot_id, session.name, capacity)
+        return session.view()
+
+    async def get_session(self, name: str) -> BotSession:
+        session = self.state.sessions.get(name)
+        if session is None:
+            raise NotFound(f"bot session {name!r} does not exist (or was closed)")
+        return session.view()
+
+    async def update_session(self, name: str, *, bot_id: str, status: BotStatus,
+                             leases: list[ReportedLease], properties: Properties | None = None,
+                             capacity: int | None = None, worker: bytes | None = None,
+                             wait: float = 0.0) -> tuple[BotSession, list[Lease]]:
+        """Apply a bot's report, hand it work, and long-poll up to `wait` seconds.
+
+        Returns the session and the leases to send back: every lease the bot
+        holds (new ones included) plus leases cancelled since its last call.
+        """
+        session = self.state.live_session(name)
+        reports.check_owner(name, session.bot_id, bot_id)
+        reports.check_reports(leases, session.leases)
+        session.open_calls += 1
+        try:
+            return await self._update(session, status, leases, properties, capacity, worker,
+                                      wait)
+        finally:
+            session.open_calls -= 1
+            session.last_seen = self.state.clock()
+
+    async def _update(self, session: SessionRecord, status: BotStatus,
+                      leases: list[ReportedLease], properties: Properties | None,
+                      capacity: int | None, worker: bytes | None,
+                      wait: float) -> tuple[BotSession, list[Lease]]:
+        state = self.state
+        mark = self.store.queued
+        settled = await self._settle(session, leases, reports.status_after(session.status,
+                                                                           status))
+        if session.closed:  # closed while the results were being stored
+            raise reports.reregister(session.name, state.closed.get(session.name))
+        state.apply_status(session, status=status, properties=properties, capacity=capacity,
+                           worker=worker)
+        report = reports.reconcile(leases, session.leases, session.notices)
+        state.apply_report(session, report, settled)
+        if session.status == BotStatus.BOT_TERMINATING and not session.leases:
+            state.close_session(session, "the bot terminated", count_attempt=False)
+            await self.store.flush()  # the bot's last results must be durable before it goes
+            return session.view(), [lease.view() for lease in state.answer(session)]
+        changed = bool(state.assign(session)) or report.changed or bool(session.notices)
+        wait = timers.poll_wait(wait, holds_leases=bool(session.leases), settings=self.settings)
+        if not changed and wait > 0:
+            await self._long_poll(session, wait)
+        if session.closed:
+            raise reports.reregister(session.name, state.closed.get(session.name))
+        state.assign(session)
+        answer = [lease.view() for lease in state.answer(session)]
+        session.version += 1  # not stored: bots only echo it
+        if self.store.queued != mark:
+            # Results accepted or work assigned in this call (or by others meanwhile)
+            # must be durable before the bot hears of them.
+            await self.store.flush()
+        return session.view(), answer
+
+    async def _settle(self, session: SessionRecord, leases: list[ReportedLease],
+                      status: BotStatus) -> dict[str, Completion | Requeue]:
+        """The outcomes of the held leases reported COMPLETED, their blobs stored."""
+        settled: dict[str, Completion | Requeue] = {}
+        for report in leases:
+            if report.state != LeaseState.COMPLETED:
+                continue
+            lease = session.leases.get(report.id)
+            if lease is None:
+                continue
+            job = lease.job
+            settled[report.id] = await settle(
+                report, LeasedJob(job.action_digest, job.queued_at, job.cacheable),
+                bot_id=session.bot_id, terminating=status == BotStatus.BOT_TERMINATING,
+                action_cache=self.action_cache, settings=self.settings)
+        return settled
+
+    async def _long_poll(self, session: SessionRecord, wait: float) -> None:
+        state = self.state
+        notifier = self._sessions.subscribe(session.name)
+        waiter = notifier.waiter()
+        session.polls += 1
+        if takes_work(session.status) and session.free_slots:
+            state.waiting[session.name] = session
+        try:
+            async with asyncio.timeout(wait):
+                await waiter.wait()
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            # The bot went away mid-poll: work leased to it during the wait never
+            # reached it, so it goes back to the queue without counting an attempt.
+            for lease in [lease for lease in session.leases.values() if not lease.delivered]:
+                state.requeue(lease, Requeue("the bot's call was cancelled",
+                                             count_attempt=False))
+            raise
+        finally:
+            # A bot may cancel a poll and start the next one at once; the entry
+            # belongs to whichever poll of this session is still waiting.
+            session.polls -= 1
+            if not session.polls:
+                state.waiting.pop(session.name, None)
+            self._sessions.release(session.name)
+
+    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
+        """Record a bot's event on its session."""
+        session = self.state.live_session(name)
+        event = BotEvent(time=self.state.wall(), type=event_type, message=message)
+        session.events.append(event)
+        level = logging.ERROR if event_type == "ERROR" else logging.INFO
+        log.log(level, "bot %s (%s) reports: %s", session.bot_id, name, message)
+        return event
+
+    async def bot_events(self, bot_id: str) -> list[BotEvent]:
+        """Recent events of the bot's current session."""
+        session = self.state.by_bot_id.get(bot_id)
+        return list(session.events) if session else []
+
+    # ------------------------------------------------------------- queries
+    def is_polling(self, name: str) -> bool:
+        """Whether an update of the session is being served (it sees new work at once)."""
+        session = self.state.sessions.get(name)
+        return session is not None and session.open_calls > 0
+
+    def polling(self) -> int:
+        """Sessions long-polling for work here."""
+        return len(self.state.waiting)
+
+    def live_sessions(self) -> Iterable[BotSession]:
+        return [session.view() for session in self.state.live_sessions()]
+
+    def connected_bots(self) -> int:
+        return sum(1 for _ in self.state.live_sessions())
+
+    # ------------------------------------------------------------- housekeeping
+    async def housekeep(self) -> None:
+        """One housekeeping pass, its changes committed."""
+        housekeep(self.state)
+        await self.store.flush()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick)
+            try:
+                await self.housekeep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler housekeeping failed")

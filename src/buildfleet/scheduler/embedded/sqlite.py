@@ -1,0 +1,111 @@
+"""The write-behind store's rows in one SQLite file: the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from buildfleet.scheduler.embedded.store import TABLES, Row, SchedulerStore, StoredState
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, instance TEXT NOT NULL,
+        action_hash TEXT NOT NULL, action_size INTEGER NOT NULL, action BLOB NOT NULL,
+        requirements TEXT NOT NULL, priority INTEGER NOT NULL, cacheable INTEGER NOT NULL,
+        timeout REAL NOT NULL, queued_at REAL NOT NULL, seq INTEGER NOT NULL,
+        stage INTEGER NOT NULL, attempts INTEGER NOT NULL, response BLOB,
+        lease_id TEXT, lease_session TEXT, lease_state INTEGER,
+        failed_on TEXT NOT NULL, last_failure TEXT NOT NULL, completed_at REAL,
+        worker TEXT NOT NULL
+    );
+    CREATE INDEX jobs_instance ON jobs (instance);
+    CREATE TABLE operations (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, job_id TEXT NOT NULL,
+        created_at REAL NOT NULL, cancelled INTEGER NOT NULL, own_response BLOB
+    );
+    CREATE INDEX operations_instance ON operations (instance);
+    CREATE TABLE sessions (
+        name TEXT PRIMARY KEY, instance TEXT NOT NULL, bot_id TEXT NOT NULL,
+        status INTEGER NOT NULL, properties TEXT NOT NULL, capacity INTEGER NOT NULL,
+        created_at REAL NOT NULL, version INTEGER NOT NULL, worker BLOB NOT NULL
+    );
+    CREATE INDEX sessions_instance ON sessions (instance);
+    """,
+]
+
+
+class SqliteSchedulerStore(SchedulerStore):
+    """Rows in one SQLite file (WAL), written by one background thread."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _open(self) -> None:
+        await self._run(self._open_sync)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self._synchronous}")
+        db.execute("PRAGMA busy_timeout=10000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(_SCHEMA):
+            raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                               f"buildfleet ({len(_SCHEMA)}); upgrade buildfleet")
+        for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        db.row_factory = sqlite3.Row
+        self._db = db
+
+    async def _close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    async def load(self, instance: str) -> StoredState:
+        return await self._run(self._load_sync, instance)
+
+    def _load_sync(self, instance: str) -> StoredState:
+        assert self._db is not None
+        state = StoredState()
+        for table, target in (("jobs", state.jobs), ("operations", state.operations),
+                              ("sessions", state.sessions)):
+            rows = self._db.execute(f"SELECT * FROM {table} WHERE instance = ?", (instance,))
+            target.extend(dict(row) for row in rows)
+        return state
+
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        await self._run(self._write_sync, upserts, deletes)
+
+    def _write_sync(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            for table, rows in upserts.items():
+                columns = list(rows[0])
+                sql = (f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) "
+                       f"VALUES ({', '.join('?' * len(columns))})")
+                db.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
+            for table, keys in deletes.items():
+                key = TABLES[table][0]
+                db.executemany(f"DELETE FROM {table} WHERE {key} = ?", [(k,) for k in keys])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

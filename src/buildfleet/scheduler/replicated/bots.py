@@ -1,0 +1,249 @@
+"""One step of an UpdateBotSession in the replicated strategy, as one transaction.
+
+The step locks the session's row, then its jobs; applies the bot's report as
+`rules.reports` reconciles it (completions with the outcomes settled before the
+transaction); closes a terminating session that holds nothing more; claims work
+with ``FOR UPDATE SKIP LOCKED``, so that two bots on any replicas never get the
+same job and neither waits for the other; and, when there is anything to say
+(or no waiting is wanted), builds the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from psycopg.rows import dict_row
+
+from buildfleet.scheduler.model import (
+    BotSession,
+    BotStatus,
+    Lease,
+    LeaseState,
+    Properties,
+    ReportedLease,
+)
+from buildfleet.scheduler.replicated import jobs
+from buildfleet.scheduler.replicated.sql import (
+    ACTIVE,
+    CANCELLED,
+    EXECUTING,
+    JOB_COLUMNS,
+    NOW,
+    PENDING,
+    QUEUED,
+    TERMINATING,
+    Row,
+    lease_view,
+    properties_from,
+    properties_json,
+    row_lease_id,
+)
+from buildfleet.scheduler.replicated.transactions import Tx
+from buildfleet.scheduler.rules import reports
+from buildfleet.scheduler.rules.matching import Fairness, takes_work
+from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a bot said in an UpdateBotSession."""
+
+    bot_id: str
+    status: BotStatus
+    leases: list[ReportedLease]
+    properties: Properties | None
+    capacity: int | None
+    worker: bytes | None
+
+
+@dataclass(frozen=True)
+class Held:
+    """A lease the session holds, as `rules.reports` sees it."""
+
+    state: LeaseState
+    delivered: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    session: BotSession
+    answer: list[Lease] | None  # None: nothing to say yet, long-poll
+    holds: bool  # the bot runs leases
+    closed: bool = False  # the session ended (the bot terminated)
+
+
+async def lock_session(tx: Tx, name: str) -> tuple[Row, list[Row]]:
+    """The session's row and its jobs (running or to be told CANCELLED), locked;
+    InvalidArgument (register again) when the session is closed or unknown."""
+    cursor = tx.conn.cursor(row_factory=dict_row)
+    await cursor.execute(
+        "SELECT * FROM grid_sessions WHERE name = %s AND instance = %s FOR UPDATE",
+        (name, tx.instance))
+    jobs_cursor = tx.conn.cursor(row_factory=dict_row)
+    # Sent before the first result is read: in a pipeline, one round trip for both.
+    await jobs_cursor.execute(
+        f"SELECT {JOB_COLUMNS} FROM grid_jobs j WHERE j.lease_session = %s "
+        "ORDER BY j.seq FOR UPDATE", (name,))
+    session = await cursor.fetchone()
+    if session is None:
+        raise reports.reregister(name, await jobs.closed_reason(tx, name))
+    return session, await jobs_cursor.fetchall()
+
+
+async def step(tx: Tx, name: str, report: Report | None,
+               settled: Mapping[str, Completion | Requeue], *, may_wait: bool,
+               fairness: Fairness, offer_pending: bool) -> Outcome:
+    """Apply the report (if any), assign work and, when there is anything to say or no
+    waiting is wanted, build the answer."""
+    row, rows = await lock_session(tx, name)
+    held = {row_lease_id(r): r for r in rows
+            if r["stage"] == EXECUTING and r["lease_state"] in (PENDING, ACTIVE)}
+    notices = {row_lease_id(r): r for r in rows if r["lease_state"] == CANCELLED}
+    status = BotStatus(row["status"])
+    properties = properties_from(row["properties"])
+    capacity: int = row["capacity"]
+    worker = bytes(row["worker"])
+    changed = False
+    if report is not None:
+        reports.check_owner(name, row["bot_id"], report.bot_id)
+        views = {lease_id: Held(LeaseState(r["lease_state"]), r["lease_delivered"])
+                 for lease_id, r in held.items()}
+        reports.check_reports(report.leases, views)
+        status = reports.status_after(status, report.status)
+        if report.properties is not None:
+            properties = report.properties
+        if report.capacity is not None:
+            capacity = report.capacity
+        if report.worker is not None:
+            worker = report.worker
+        changed = await _apply(tx, reports.reconcile(report.leases, views, notices),
+                               held, notices, settled)
+
+    def session(version: int, holding: int) -> BotSession:
+        return BotSession(name=name, instance=tx.instance, bot_id=row["bot_id"], status=status,
+                          properties=properties, capacity=capacity, held=holding,
+                          version=version, worker=worker, created_at=row["created_at"])
+
+    if status == BotStatus.BOT_TERMINATING and not held:
+        await jobs.close_session(tx, row, "the bot terminated", count_attempt=False)
+        return Outcome(session=session(row["version"], 0), answer=await _answer(tx, {}, notices),
+                       holds=False, closed=True)
+    if takes_work(status) and capacity > len(held):
+        for claimed in await _claim(tx, row, properties, capacity - len(held), fairness,
+                                    offer_pending):
+            held[row_lease_id(claimed)] = claimed
+            changed = True
+    respond = changed or bool(notices) or not may_wait
+    answer = await _answer(tx, held, notices) if respond else None
+    version = row["version"] + int(respond)
+    if report is not None or respond:
+        # One write of the session per step: what the bot reported, that it was seen
+        # now, and (when answering) the version it will echo.  The row is locked,
+        # so the new version is known without reading it back.
+        await tx.execute(
+            f"""UPDATE grid_sessions SET status = %s, properties = %s::jsonb, capacity = %s,
+                    worker = %s, last_seen = {NOW}, version = %s
+                WHERE name = %s""",
+            (int(status), properties_json(properties), capacity, worker, version, name))
+    return Outcome(session=session(version, len(held)), answer=answer, holds=bool(held))
+
+
+async def _apply(tx: Tx, report: reports.Reconciliation, held: dict[str, Row],
+                 notices: dict[str, Row], settled: Mapping[str, Completion | Requeue]) -> bool:
+    for completed in report.completed:
+        outcome = settled.get(completed.id)
+        if outcome is None:  # not held when the update began: nothing was settled
+            continue
+        await jobs.finish(tx, held.pop(completed.id), outcome)
+    for lease_id in report.given_back:
+        await jobs.requeue(tx, held.pop(lease_id), Requeue("the bot gave the lease back"))
+    for lease_id in report.started:
+        job = held[lease_id]
+        await tx.execute(
+            f"UPDATE grid_jobs SET lease_state = {ACTIVE}, deadline = {NOW} + run_limit "
+            "WHERE id = %s", (job["id"],))
+        job["lease_state"] = ACTIVE
+        tx.effects.jobs.add(job["id"])
+    for lease_id in report.acknowledged:
+        notice = notices.pop(lease_id)
+        await tx.execute("UPDATE grid_jobs SET lease_session = NULL WHERE id = %s",
+                         (notice["id"],))
+    return report.changed
+
+
+async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
+                 fairness: Fairness, offer_pending: bool) -> list[Row]:
+    """Lease up to `slots` queued jobs the session can run, in the order
+    `rules.matching` gives (`Fairness` says which picks take the oldest)."""
+    claimed: list[Row] = []
+    while slots > 0:
+        batch, oldest_first = fairness.next_batch(slots, pending=tx.effects.picks)
+        rows = await claim_batch(tx, session, properties, batch, oldest_first,
+                                  offer_pending)
+        claimed += rows
+        tx.effects.picks += len(rows)
+        slots -= len(rows)
+        if len(rows) < batch:
+            break
+    for row in claimed:
+        tx.effects.jobs.add(row["id"])
+    tx.effects.queued -= len(claimed)
+    tx.effects.stats["assigned"] += len(claimed)
+    return claimed
+
+
+# The claim: `rules.matching` in SQL (tests/contract/test_claim_agrees.py holds it to
+# the core).  A job the bot can run (its properties contain the requirements), that
+# it did not fail -- or, when it did, whose back-off is over and that no other live
+# bot which may yet work and did not fail it could run; most urgent first, or
+# oldest first for a fairness pick.
+_CLAIM = f"""
+    WITH picked AS (
+        SELECT j.id FROM grid_jobs j
+        WHERE j.instance = %(instance)s AND j.stage = {QUEUED}
+          AND %(properties)s::jsonb @> j.requirements
+          AND (NOT j.failed_on ? %(bot)s OR (
+               (j.retry_at IS NULL OR j.retry_at <= {NOW})
+               AND NOT EXISTS (
+                   SELECT 1 FROM grid_sessions s
+                   WHERE s.instance = j.instance AND s.name <> %(name)s
+                     AND s.last_seen > {NOW} - %(keepalive)s AND s.status <> {TERMINATING}
+                     AND s.properties @> j.requirements AND NOT j.failed_on ? s.bot_id)))
+        ORDER BY {{order}}
+        LIMIT %(slots)s
+        FOR UPDATE SKIP LOCKED)
+    UPDATE grid_jobs j SET stage = {EXECUTING}, lease_session = %(name)s,
+        lease_state = %(state)s, lease_delivered = true, deadline = {NOW} + j.run_limit,
+        unmatched_since = NULL
+    FROM picked WHERE j.id = picked.id
+    RETURNING {JOB_COLUMNS}"""
+CLAIM_BY_URGENCY = _CLAIM.format(order="j.priority, j.seq")
+CLAIM_BY_AGE = _CLAIM.format(order="j.seq")
+
+
+async def claim_batch(tx: Tx, session: Row, properties: Properties, slots: int,
+                       oldest_first: bool, offer_pending: bool) -> list[Row]:
+    claimed = await tx.rows(CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY, {
+        "instance": tx.instance, "properties": properties_json(properties),
+        "bot": session["bot_id"], "name": session["name"],
+        "keepalive": tx.settings.keepalive, "slots": slots,
+        "state": PENDING if offer_pending else ACTIVE})
+    claimed.sort(key=lambda r: (r["seq"],) if oldest_first else (r["priority"], r["seq"]))
+    return claimed
+
+
+async def _answer(tx: Tx, held: dict[str, Row], notices: dict[str, Row]) -> list[Lease]:
+    """The leases to send back; marks them delivered and clears the notices sent."""
+    answer = [lease_view(row) for row in held.values()]
+    undelivered = [row["id"] for row in held.values() if not row["lease_delivered"]]
+    if undelivered:
+        await tx.execute("UPDATE grid_jobs SET lease_delivered = true "
+                         "WHERE id = ANY(%s::text[])", (undelivered,))
+    if notices:
+        answer += [lease_view(row, LeaseState.CANCELLED) for row in notices.values()]
+        # Told once; afterwards the lease is simply absent.
+        await tx.execute("UPDATE grid_jobs SET lease_session = NULL "
+                         "WHERE id = ANY(%s::text[])", ([row["id"] for row in notices.values()],))
+    return answer
+

@@ -1,0 +1,149 @@
+"""Clients' calls in the replicated strategy: submissions, cache hits, cancellation.
+
+A new job is queued by one statement that also records the operation and
+announces the work (no transaction block: one round trip).  A cacheable action
+in flight already holds its place in a unique index, whichever replica queued
+it; a submission that meets it joins it in a transaction instead (`join`).  A
+job that succeeded keeps that place for a moment (`dedup`, cleared by
+housekeeping), so that a submission racing its completion finds it and asks
+`rules.timers.answers_resubmission` whether it answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from buildfleet.digest import Digest
+from buildfleet.errors import NotFound
+from buildfleet.scheduler.model import Operation, Stage
+from buildfleet.scheduler.replicated import jobs
+from buildfleet.scheduler.replicated.sql import COMPLETED, JOB_COLUMNS, NOW, QUEUED, Row
+from buildfleet.scheduler.replicated.transactions import Retry, Tx
+from buildfleet.scheduler.rules import outcomes, submissions, timers
+
+_INSERT_JOB = f"""
+    INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
+                           priority, cacheable, timeout, run_limit, queued_at, stage)
+    VALUES (%(id)s, %(instance)s, %(hash)s, %(size)s, %(action)s, %(requirements)s::jsonb,
+            %(priority)s, %(cacheable)s, %(timeout)s, %(run_limit)s, {NOW}, {QUEUED})"""
+# A cacheable job yields to one of the same action that holds the unique index.
+_INSERT_CACHEABLE = _INSERT_JOB + f"""
+    ON CONFLICT (instance, action_hash, action_size)
+        WHERE cacheable AND (stage <> {COMPLETED} OR dedup)
+    DO NOTHING"""
+_WITH_OPERATION = f""",
+    operation AS (
+        INSERT INTO grid_operations (name, instance, job_id, created_at)
+        SELECT %(operation)s, %(instance)s, id, {NOW} FROM inserted),
+    announced AS (
+        SELECT pg_notify(%(channel)s, %(payload)s) FROM inserted)
+    SELECT (SELECT id FROM inserted), (SELECT count(*) FROM announced)"""
+# The whole of a new submission in one statement; returns (inserted id or NULL,
+# notifications sent).  Nothing is written when the action is in flight already.
+SUBMIT_AT_ONCE = {
+    cacheable: f"WITH inserted AS ({insert} RETURNING id)" + _WITH_OPERATION
+    for cacheable, insert in ((True, _INSERT_CACHEABLE), (False, _INSERT_JOB))}
+_INSERT_OPERATION = f"""
+    INSERT INTO grid_operations (name, instance, job_id, created_at)
+    VALUES (%s, %s, %s, {NOW})"""
+CACHE_HIT = f"""
+    WITH job AS (
+        INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
+                               priority, cacheable, timeout, queued_at, stage, response,
+                               completed_at)
+        VALUES (%(id)s, %(instance)s, %(hash)s, %(size)s, ''::bytea, '{{}}'::jsonb, 0, true,
+                0, {NOW}, {COMPLETED}, %(response)s, {NOW})
+        RETURNING id)
+    INSERT INTO grid_operations (name, instance, job_id, created_at)
+    SELECT %(operation)s, %(instance)s, id, {NOW} FROM job"""
+
+
+def joined_view(name: str, row: Row, *, created_at: float) -> Operation:
+    """A new operation `name` on the existing job `row`."""
+    done = row["stage"] == COMPLETED
+    return Operation(
+        name=name, instance=row["instance"], job_id=row["id"],
+        action_digest=Digest(row["action_hash"], row["action_size"]), stage=Stage(row["stage"]),
+        response=bytes(row["response"]) if done else None, queued_at=row["queued_at"],
+        created_at=created_at, worker=row["worker"], attempts=row["attempts"])
+
+
+async def join(tx: Tx, digest: Digest, priority: int, skip_cache_lookup: bool) -> Row | None:
+    """The cacheable job holding `digest`'s place in the unique index, locked, when it
+    answers this submission: unfinished (its priority raised when the newcomer's is
+    more urgent), or succeeded a moment ago.  A succeeded job that does not answer
+    gives its place up.  None when there is no job to join."""
+    row = await tx.row(
+        f"""SELECT {JOB_COLUMNS}, {NOW} AS now FROM grid_jobs j
+            WHERE j.instance = %s AND j.action_hash = %s AND j.action_size = %s
+              AND j.cacheable AND (j.stage <> {COMPLETED} OR j.dedup) FOR UPDATE""",
+        (tx.instance, digest.hash, digest.size_bytes))
+    if row is None:
+        return None
+    if row["stage"] == COMPLETED:
+        if timers.answers_resubmission(row["completed_at"], row["now"],
+                                       skip_cache_lookup=skip_cache_lookup):
+            return row
+        await tx.execute("UPDATE grid_jobs SET dedup = false WHERE id = %s", (row["id"],))
+        return None
+    raised = submissions.joined_priority(row["priority"], priority)
+    if raised != row["priority"]:
+        await tx.execute("UPDATE grid_jobs SET priority = %s WHERE id = %s", (raised, row["id"]))
+        row["priority"] = raised
+    return row
+
+
+async def submit(tx: Tx, job: dict[str, Any], *, name: str, skip_cache_lookup: bool,
+                 queued: int) -> Row | None:
+    """Join the action's job (returned) or queue a new one (None; `job` holds its
+    parameters), and record the operation `name`.  `queued`: the instance's queue
+    length as last counted."""
+    digest = Digest(job["hash"], job["size"])
+    if job["cacheable"]:
+        joined = await join(tx, digest, job["priority"], skip_cache_lookup)
+        if joined is not None:
+            await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"]))
+            return joined
+    submissions.check_room(tx.instance, queued, tx.settings.max_queued)
+    inserted = await tx.value((_INSERT_CACHEABLE if job["cacheable"] else _INSERT_JOB)
+                              + " RETURNING id", job)
+    if inserted is None:
+        raise Retry("the identical action was queued meanwhile")
+    await tx.execute(_INSERT_OPERATION, (name, tx.instance, job["id"]))
+    tx.effects.work.add(job["requirements"])
+    tx.effects.queued += 1
+    return None
+
+
+async def cancel(tx: Tx, name: str) -> None:
+    """Cancel one operation; its job stops when no operation still wants it."""
+    row = await tx.row(
+        f"""SELECT o.own_response AS op_own_response, {JOB_COLUMNS}
+            FROM grid_operations o JOIN grid_jobs j ON j.id = o.job_id
+            WHERE o.name = %s AND o.instance = %s FOR UPDATE""", (name, tx.instance))
+    if row is None:
+        raise NotFound(f"operation {name!r} does not exist (or has expired)")
+    if row["op_own_response"] is not None or row["stage"] == COMPLETED:
+        return
+    await tx.execute(
+        "UPDATE grid_operations SET cancelled = true, own_response = %s WHERE name = %s",
+        (outcomes.operation_cancelled(), name))
+    tx.effects.jobs.add(row["id"])
+    wanted = await tx.value(
+        "SELECT 1 FROM grid_operations WHERE job_id = %s AND NOT cancelled LIMIT 1",
+        (row["id"],))
+    if wanted is None:
+        await jobs.complete(tx, row, outcomes.job_cancelled(), cancel_lease=True)
+
+
+async def delete(tx: Tx, name: str) -> None:
+    """Forget an operation (the action itself keeps running for other waiters)."""
+    job_id = await tx.value(
+        "DELETE FROM grid_operations WHERE name = %s AND instance = %s RETURNING job_id",
+        (name, tx.instance))
+    if job_id is None:
+        raise NotFound(f"operation {name!r} does not exist (or has expired)")
+    tx.effects.jobs.add(job_id)
+    await tx.execute(
+        f"DELETE FROM grid_jobs WHERE id = %s AND stage = {COMPLETED} AND NOT EXISTS "
+        "(SELECT 1 FROM grid_operations WHERE job_id = %s)", (job_id, job_id))

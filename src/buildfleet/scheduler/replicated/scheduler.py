@@ -1,0 +1,585 @@
+"""The replicated strategy: one instance's scheduler for several server replicas
+sharing one PostgreSQL database.
+
+It keeps no authoritative state in the process: every job, operation, lease and
+bot session is a row, and every decision one transaction (`transactions`), so
+any replica serves any call -- a bot may send each UpdateBotSession to another
+replica, a client may watch an operation from a replica other than the one it
+submitted to, and a replica may die at any moment without losing anything.
+The decisions are the core's (`buildfleet.scheduler.rules`): claims are the
+matching rule in SQL (`bots`), the rest reads candidate rows and asks the core.
+When the database is unreachable, calls fail with UNAVAILABLE and a retry hint
+(`buildfleet.postgres`); nothing needs restarting when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from google.longrunning import operations_pb2
+
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet.config import SchedulerConfig
+from buildfleet.digest import Digest
+from buildfleet.errors import NotFound, Unavailable
+from buildfleet.scheduler.model import (
+    BotEvent,
+    BotSession,
+    BotStatus,
+    Lease,
+    LeaseState,
+    Operation,
+    Properties,
+    ReportedLease,
+    Stage,
+)
+from buildfleet.scheduler.notify import Wakers
+from buildfleet.scheduler.protos import operation_proto
+from buildfleet.scheduler.replicated import bots, housekeeping, jobs, operations
+from buildfleet.scheduler.replicated.grid import ReplicatedGrid
+from buildfleet.scheduler.replicated.sql import (
+    EXECUTING,
+    LIVE_LEASE,
+    NOW,
+    OPERATION_QUERY,
+    QUEUED,
+    digest_of,
+    operation_view,
+    properties_from,
+    properties_json,
+    row_lease_id,
+    session_view,
+)
+from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
+from buildfleet.scheduler.results import LeasedJob, settle
+from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
+from buildfleet.scheduler.rules.matching import Fairness, qualified
+from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.timers import MAX_EVENTS
+from buildfleet.storage.action_cache import ActionCache
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RESYNC = 10.0  # seconds a watcher waits for a notification before reading again anyway
+MIN_WAIT = 0.01  # below this much of a long-poll left, answer rather than wait again
+
+
+@dataclass
+class _Waiting:
+    """A bot session long-polling on this replica."""
+
+    event: asyncio.Event
+    properties: Properties | None  # None: not known yet (any work wakes it)
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class ReplicatedScheduler:
+    """Schedules one instance's actions with the state in PostgreSQL."""
+
+    def __init__(self, instance: str, grid: ReplicatedGrid, *,
+                 action_cache: ActionCache | None = None,
+                 settings: SchedulerConfig | None = None,
+                 new_id: Callable[[], str] = _new_id) -> None:
+        self.instance = instance
+        self.grid = grid
+        self.store = grid
+        self.db = grid.database
+        self.action_cache = action_cache
+        self.settings = settings or SchedulerConfig()
+        self.new_id = new_id
+        grid.schedulers[instance] = self
+        self._waiting: dict[str, _Waiting] = {}  # session name -> its long-poll here
+        self._open_calls: Counter[str] = Counter()  # session name -> calls open here
+        self._watchers = Wakers()  # job id -> watchers here
+        # Operations of jobs this replica just queued, registered for notifications
+        # before the job existed, so that `watch` need not read them back:
+        # operation name -> (job id, waiter, monotonic time).
+        self._fresh: dict[str, tuple[str, asyncio.Event, float]] = {}
+        # Grid-wide live sessions by name, read each tick (and on calls served here).
+        self._live: dict[str, BotSession] = {}
+        self._queued = 0  # grid-wide queued jobs, refreshed each tick
+        self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
+        self.stats: Counter[str] = Counter()
+        self._housekeeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ life
+    async def start(self) -> None:
+        if self._housekeeper is not None:
+            return
+        await self.grid.start()
+        with contextlib.suppress(Unavailable):
+            await self._refresh()
+        self._housekeeper = asyncio.create_task(self._housekeeping(),
+                                                name=f"replicated-scheduler[{self.instance!r}]")
+
+    async def close(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeper
+            self._housekeeper = None
+        self.wake_everything()
+
+    # ------------------------------------------------------------- wake-ups
+    def wake_everything(self) -> None:
+        for waiting in self._waiting.values():
+            waiting.event.set()
+        self._watchers.notify_all()
+
+    def wake_for_work(self, requirements: Properties) -> None:
+        """Wake one bot waiting here that can run a job with `requirements`."""
+        for name, waiting in self._waiting.items():
+            if not waiting.event.is_set() and (waiting.properties is None
+                                               or requirements <= waiting.properties):
+                waiting.event.set()
+                # The next job goes to another waiting bot.
+                self._waiting[name] = self._waiting.pop(name)
+                return
+
+    def wake_watchers(self, job_id: str) -> None:
+        self._watchers.notify(job_id)
+
+    def wake_session(self, name: str) -> None:
+        waiting = self._waiting.get(name)
+        if waiting is not None:
+            waiting.event.set()
+
+    # ------------------------------------------------------------ transactions
+    async def _transaction(self, body: Callable[[Tx], Awaitable[T]], *,
+                           pipeline: bool = False) -> T:
+        """Run `body` in a transaction (again, from the start, after a transient
+        failure); announce its effects at commit and apply the rest after it.
+
+        With `pipeline` (see Database.transaction), statements whose results `body`
+        does not fetch ride along with the next round trip."""
+        async def attempt() -> tuple[T, Effects]:
+            effects = Effects()
+            async with self.db.transaction(pipeline=pipeline) as conn:
+                result = await body(Tx(conn, effects, self.instance, self.settings))
+                await self._announce(conn, effects)
+            return result, effects
+
+        result, effects = await retrying(attempt)
+        self._committed(effects)
+        return result
+
+    async def _announce(self, conn: psycopg.AsyncConnection[Any], effects: Effects) -> None:
+        """NOTIFY inside the transaction: PostgreSQL delivers it at commit, or never."""
+        channels, payloads = self.grid.notes(self.instance, effects.jobs, effects.work,
+                                             effects.sessions)
+        if channels:
+            await conn.execute(
+                "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",
+                (channels, payloads))
+
+    def _committed(self, effects: Effects) -> None:
+        """What a committed transaction decided beyond the database, applied once."""
+        self._queued = max(0, self._queued + effects.queued)
+        self.fairness.picked(effects.picks)
+        self.stats.update(effects.stats)
+        for name in effects.closed:
+            self._live.pop(name, None)
+        for level, message, args in effects.logs:
+            log.log(level, message, *args)
+
+    # ---------------------------------------------------------------- clients
+    def check_timeout(self, action: re_pb2.Action) -> float:
+        return submissions.action_timeout(action, self.settings.max_timeout)
+
+    async def submit(self, action_digest: Digest, action: re_pb2.Action,
+                     requirements: Properties, *, priority: int = 0,
+                     skip_cache_lookup: bool = False) -> Operation:
+        """Queue an action (or join an identical one); a new operation for it.
+
+        The operation returned is what this call knows (a new job is QUEUED);
+        `watch` reads its current state."""
+        timeout = self.check_timeout(action)
+        requirements_json = properties_json(requirements)
+        name = qualified(self.instance, f"operations/{self.new_id()}")
+        job: dict[str, Any] = {
+            "id": self.new_id(), "instance": self.instance, "hash": action_digest.hash,
+            "size": action_digest.size_bytes,
+            "action": action.SerializeToString(deterministic=True),
+            "requirements": requirements_json, "priority": priority,
+            "cacheable": not action.do_not_cache, "timeout": timeout,
+            "run_limit": timers.run_limit(timeout, self.settings)}
+        now = time.time()
+        queued = Operation(name=name, instance=self.instance, job_id=job["id"],
+                           action_digest=action_digest, stage=Stage.QUEUED, response=None,
+                           queued_at=now, created_at=now)
+        if self._queued < self.settings.max_queued:
+            # Listening for the job's changes before it exists: none can be missed.
+            waiter = self._watchers.subscribe(job["id"]).waiter()
+            try:
+                inserted = await self._submit_at_once(job, name, requirements_json)
+            except BaseException:
+                self._watchers.release(job["id"])
+                raise
+            if inserted:
+                self._fresh[name] = (job["id"], waiter, time.monotonic())
+                return queued
+            self._watchers.release(job["id"])
+        joined = await self._transaction(lambda tx: operations.submit(
+            tx, job, name=name, skip_cache_lookup=skip_cache_lookup, queued=self._queued))
+        if joined is None:
+            return queued
+        return operations.joined_view(name, joined, created_at=now)
+
+    async def _submit_at_once(self, job: dict[str, Any], name: str,
+                              requirements_json: str) -> bool:
+        """A new job in one statement (see operations.SUBMIT_AT_ONCE); False when the
+        action is in flight already (nothing was written: join it in a transaction)."""
+        statement = {**job, "operation": name, "channel": self.grid.channels["work"],
+                     "payload": f"{self.instance}\x1f{requirements_json}"}
+
+        async def attempt() -> tuple[Any, ...]:
+            async with self.db.connection() as conn:
+                cursor = await conn.execute(operations.SUBMIT_AT_ONCE[job["cacheable"]],
+                                            statement)
+                return await cursor.fetchone() or (None, 0)
+
+        inserted, _ = await retrying(attempt)
+        if inserted is None:
+            return False
+        self._queued += 1
+        return True
+
+    async def record_cache_hit(self, action_digest: Digest,
+                               result: re_pb2.ActionResult) -> Operation:
+        response = outcomes.cache_hit(result)
+        name = qualified(self.instance, f"operations/{self.new_id()}")
+        job_id = self.new_id()
+        async with self.db.connection() as conn:
+            await conn.execute(operations.CACHE_HIT, {
+                "id": job_id, "instance": self.instance, "hash": action_digest.hash,
+                "size": action_digest.size_bytes, "response": response, "operation": name})
+        now = time.time()
+        return Operation(name=name, instance=self.instance, job_id=job_id,
+                         action_digest=action_digest, stage=Stage.COMPLETED, response=response,
+                         queued_at=now, created_at=now)
+
+    async def get_operation(self, name: str) -> Operation:
+        operation = await self._load_operation(name)
+        if operation is None:
+            raise NotFound(f"operation {name!r} does not exist (or has expired)")
+        return operation
+
+    async def _load_operation(self, name: str) -> Operation | None:
+        async with self.db.connection() as conn:
+            row = await Tx(conn, Effects(), self.instance, self.settings).row(
+                f"{OPERATION_QUERY} WHERE o.name = %s AND o.instance = %s",
+                (name, self.instance))
+        return None if row is None else operation_view(row)
+
+    async def list_operations(self) -> list[Operation]:
+        """Every operation of the instance, grid-wide."""
+        async with self.db.connection() as conn:
+            rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
+                f"{OPERATION_QUERY} WHERE o.instance = %s", (self.instance,))
+        return [operation_view(row) for row in rows]
+
+    async def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]:
+        """Snapshots of the operation: now, then after each change, until it is done."""
+        job_id = operation.job_id
+        fresh = self._fresh.pop(operation.name, None)
+        notifier = self._watchers.subscribe(job_id)
+        if fresh is not None:
+            self._watchers.release(job_id)  # the registration made at submission
+        try:
+            last: tuple[bool, Stage] | None = None
+            # Read again now that notifications reach this watcher: a change made
+            # since `operation` was read would otherwise go unnoticed until RESYNC.
+            # (Not for an operation this replica just queued: its watcher was
+            # registered before the job existed.)
+            current: Operation | None = operation if operation.done or fresh else None
+            while True:
+                waiter = fresh[1] if fresh else notifier.waiter()
+                fresh = None
+                if current is None:
+                    current = await self._load_operation(operation.name)
+                    if current is None:
+                        raise NotFound(f"operation {operation.name!r} was deleted")
+                state = (current.done, current.stage)
+                if state != last:
+                    last = state
+                    yield operation_proto(current)
+                if current.done:
+                    return
+                current = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RESYNC):
+                        await waiter.wait()
+        finally:
+            self._watchers.release(job_id)
+
+    async def cancel_operation(self, name: str) -> None:
+        await self._transaction(lambda tx: operations.cancel(tx, name))
+
+    async def delete_operation(self, name: str) -> None:
+        await self._transaction(lambda tx: operations.delete(tx, name))
+
+    async def queue_length(self) -> int:
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {QUEUED}",
+                (self.instance,))
+            found = await cursor.fetchone()
+        return int(found[0]) if found else 0
+
+    # ------------------------------------------------------------------- bots
+    async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
+                             capacity: int, worker: bytes = b"") -> BotSession:
+        name = qualified(self.instance, self.new_id())
+        status = reports.status_after(BotStatus.OK, status)
+
+        async def body(tx: Tx) -> BotSession:
+            old = await tx.row(
+                "SELECT * FROM grid_sessions WHERE instance = %s AND bot_id = %s FOR UPDATE",
+                (self.instance, bot_id))
+            if old is not None:
+                await jobs.close_session(tx, old, f"bot {bot_id!r} opened a new session",
+                                         count_attempt=True)
+            row = await tx.row(
+                f"""INSERT INTO grid_sessions (name, instance, bot_id, status, properties,
+                        capacity, created_at, last_seen, worker)
+                    VALUES (%s, %s, %s, %s, %s::jsonb, %s, {NOW}, {NOW}, %s)
+                    ON CONFLICT (instance, bot_id) DO NOTHING RETURNING *""",
+                (name, self.instance, bot_id, int(status), properties_json(properties),
+                 capacity, worker))
+            if row is None:
+                raise Retry(f"bot {bot_id!r} registered twice at once")
+            return session_view(row, 0)
+
+        session = await self._transaction(body)
+        log.info("bot %s registered as %s (capacity %d)", bot_id, name, capacity)
+        self._live[session.name] = session
+        return session
+
+    async def get_session(self, name: str) -> BotSession:
+        async with self.db.connection() as conn:
+            row = await Tx(conn, Effects(), self.instance, self.settings).row(
+                f"""SELECT s.*, (SELECT count(*) FROM grid_jobs j WHERE j.lease_session = s.name
+                                 AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}) AS held
+                    FROM grid_sessions s WHERE s.name = %s AND s.instance = %s""",
+                (name, self.instance))
+        if row is None:
+            raise NotFound(f"bot session {name!r} does not exist (or was closed)")
+        return session_view(row, row["held"])
+
+    async def update_session(self, name: str, *, bot_id: str, status: BotStatus,
+                             leases: list[ReportedLease], properties: Properties | None = None,
+                             capacity: int | None = None, worker: bytes | None = None,
+                             wait: float = 0.0) -> tuple[BotSession, list[Lease]]:
+        """Apply a bot's report, hand it work, and long-poll up to `wait` seconds."""
+        reports.check_reports(leases)
+        self._open_calls[name] += 1
+        # Registered before the first transaction (matching any work until the
+        # session's properties are known), so that work announced while that
+        # transaction runs still wakes this call.
+        waiting = _Waiting(event=asyncio.Event(), properties=None)
+        self._waiting[name] = waiting
+        try:
+            settled = await self._settle(name, bot_id, status, leases)
+            report = bots.Report(bot_id=bot_id, status=status, leases=leases,
+                                 properties=properties, capacity=capacity, worker=worker)
+            outcome = await self._step(name, report, settled, may_wait=wait > 0)
+            if outcome.answer is None:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + timers.poll_wait(wait, holds_leases=outcome.holds,
+                                                          settings=self.settings)
+                waiting.properties = outcome.session.properties
+                while outcome.answer is None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                            await waiting.event.wait()
+                    waiting.event.clear()
+                    # Woken for work another bot may have claimed first: look, and keep
+                    # waiting while there is time and nothing to say.
+                    outcome = await self._step(name, None, {},
+                                               may_wait=deadline - loop.time() > MIN_WAIT)
+            assert outcome.answer is not None
+            if not outcome.closed:
+                self._seen(outcome.session)
+            return outcome.session, outcome.answer
+        finally:
+            if self._waiting.get(name) is waiting:
+                del self._waiting[name]
+            self._open_calls[name] -= 1
+            if not self._open_calls[name]:
+                del self._open_calls[name]
+
+    async def _step(self, name: str, report: bots.Report | None,
+                    settled: dict[str, Completion | Requeue], *, may_wait: bool) -> bots.Outcome:
+        return await self._transaction(
+            lambda tx: bots.step(tx, name, report, settled, may_wait=may_wait,
+                                 fairness=self.fairness,
+                                 offer_pending=self.settings.offer_pending),
+            pipeline=True)
+
+    async def _settle(self, name: str, bot_id: str, status: BotStatus,
+                      leases: list[ReportedLease]) -> dict[str, Completion | Requeue]:
+        """The outcomes of the held leases reported COMPLETED, their blobs stored: read
+        without locks, before the update's transaction (see buildfleet.scheduler.results)."""
+        completed = [report for report in leases if report.state == LeaseState.COMPLETED]
+        if not completed:
+            return {}
+        async with self.db.connection() as conn:
+            rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
+                f"""SELECT s.bot_id, s.status, j.id, j.instance, j.attempts, j.queued_at,
+                           j.cacheable, j.action_hash, j.action_size
+                    FROM grid_sessions s LEFT JOIN grid_jobs j ON j.lease_session = s.name
+                         AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}
+                    WHERE s.name = %s AND s.instance = %s""", (name, self.instance))
+        if not rows:
+            return {}  # the update's transaction says why the session is unknown
+        owner = rows[0]["bot_id"]
+        reports.check_owner(name, owner, bot_id)
+        terminating = reports.status_after(BotStatus(rows[0]["status"]),
+                                           status) == BotStatus.BOT_TERMINATING
+        held = {row_lease_id(row): row for row in rows if row["id"] is not None}
+        settled: dict[str, Completion | Requeue] = {}
+        for report in completed:
+            row = held.get(report.id)
+            if row is not None:
+                settled[report.id] = await settle(
+                    report, LeasedJob(digest_of(row), row["queued_at"], row["cacheable"]),
+                    bot_id=owner, terminating=terminating, action_cache=self.action_cache,
+                    settings=self.settings)
+        return settled
+
+    def _seen(self, session: BotSession) -> None:
+        """Refresh this replica's view of a session it just served (the rest of the grid
+        is read every tick)."""
+        self._live.pop(session.name, None)
+        self._live[session.name] = session
+
+    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
+        """Record a bot's event on its session."""
+        event = BotEvent(time=time.time(), type=event_type, message=message)
+
+        async def body(tx: Tx) -> str:
+            bot = await tx.value(
+                "INSERT INTO grid_bot_events (session, bot_id, time, type, message) "
+                "SELECT name, bot_id, %s, %s, %s FROM grid_sessions "
+                "WHERE name = %s AND instance = %s RETURNING bot_id",
+                (event.time, event_type, message, name, self.instance))
+            if bot is None:
+                raise reports.reregister(name, await jobs.closed_reason(tx, name))
+            await tx.execute(
+                """DELETE FROM grid_bot_events WHERE session = %s AND id <= (
+                       SELECT id FROM grid_bot_events WHERE session = %s
+                       ORDER BY id DESC OFFSET %s LIMIT 1)""", (name, name, MAX_EVENTS))
+            return str(bot)
+
+        bot_id = await self._transaction(body)
+        level = logging.ERROR if event_type == "ERROR" else logging.INFO
+        log.log(level, "bot %s (%s) reports: %s", bot_id, name, message)
+        return event
+
+    async def bot_events(self, bot_id: str) -> list[BotEvent]:
+        """Recent events of the bot's current session."""
+        async with self.db.connection() as conn:
+            cursor = await conn.execute(
+                """SELECT e.time, e.type, e.message FROM grid_bot_events e
+                   JOIN grid_sessions s ON s.name = e.session
+                   WHERE s.instance = %s AND s.bot_id = %s ORDER BY e.id""",
+                (self.instance, bot_id))
+            rows = await cursor.fetchall()
+        return [BotEvent(time=t, type=k, message=m) for t, k, m in rows]
+
+    # ------------------------------------------------------------- queries
+    def is_polling(self, name: str) -> bool:
+        """Whether an update of the session is being served here (it sees new work)."""
+        return name in self._waiting
+
+    def polling(self) -> int:
+        return len(self._waiting)
+
+    def live_sessions(self) -> Iterable[BotSession]:
+        """The grid's live sessions as of the last housekeeping pass (one tick old at most)."""
+        return list(self._live.values())
+
+    def connected_bots(self) -> int:
+        return len(self._live)
+
+    async def _refresh(self) -> None:
+        """Read the grid-wide figures that synchronous queries answer from."""
+        async with self.db.connection() as conn:
+            tx = Tx(conn, Effects(), self.instance, self.settings)
+            rows = await tx.rows(
+                f"""SELECT s.*, (SELECT count(*) FROM grid_jobs j WHERE j.lease_session = s.name
+                                 AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}) AS held
+                    FROM grid_sessions s
+                    WHERE s.instance = %s AND s.last_seen > {NOW} - %s""",
+                (self.instance, self.settings.keepalive))
+            queued = await tx.value(
+                f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {QUEUED}",
+                (self.instance,))
+        self._live = {row["name"]: session_view(row, row["held"]) for row in rows}
+        self._queued = int(queued or 0)
+
+    # ------------------------------------------------------------- housekeeping
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.tick)
+            try:
+                await self.housekeep()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as error:
+                log.warning("scheduler housekeeping skipped: %s", error.message)
+            except Exception:
+                log.exception("scheduler housekeeping failed")
+
+    async def housekeep(self) -> None:
+        """One pass: keep this replica's sessions alive, handle silent ones, end overdue
+        jobs, fail unrunnable ones, forget old ones, wake bots for missed work."""
+        open_here = list(self._open_calls)
+        if open_here:
+            async with self.db.connection() as conn:
+                await conn.execute(
+                    f"UPDATE grid_sessions SET last_seen = {NOW} WHERE name = ANY(%s::text[])",
+                    (open_here,))
+        await self._transaction(lambda tx: housekeeping.expire_silent(tx, open_here))
+        await self._transaction(housekeeping.end_overdue)
+        await self._transaction(housekeeping.fail_unmatched)
+        await self._transaction(housekeeping.forget_old)
+        self._forget_unwatched()
+        await self._refresh()
+        await self._rescue_waiters()
+
+    def _forget_unwatched(self) -> None:
+        """Release the registrations of queued operations nobody came to watch (the
+        client went away between submission and watching)."""
+        cutoff = time.monotonic() - RESYNC
+        for name, (job_id, _, registered) in list(self._fresh.items()):
+            if registered < cutoff:
+                del self._fresh[name]
+                self._watchers.release(job_id)
+
+    async def _rescue_waiters(self) -> None:
+        """Wake bots waiting here for queued work they can run: a notification may have
+        been lost (listening connection down), gone to a bot that could not take it,
+        or a back-off may have ended."""
+        if not self._waiting or not self._queued:
+            return
+        async with self.db.connection() as conn:
+            wanted = [properties_from(text) for text in await housekeeping.queued_requirements(
+                Tx(conn, Effects(), self.instance, self.settings))]
+        for waiting in list(self._waiting.values()):
+            properties = waiting.properties
+            if properties is None or any(requirements <= properties for requirements in wanted):
+                waiting.event.set()

@@ -1,0 +1,81 @@
+"""Blob stores from configuration: the one place that turns `storage:` entries into objects.
+
+A storage declared once under `storage:` and named by several instances is one
+object, shared.  A wrapper (size-limited, read-cache) starts and closes the
+stores it wraps, so only the outermost stores are listed in `roots`: those are
+what a server starts and closes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from buildfleet.config import (
+    DiskStorage,
+    MemoryStorage,
+    PostgresStorage,
+    ReadCacheStorage,
+    RemoteStorage,
+    ServerConfig,
+    SizeLimitedStorage,
+    StorageRef,
+)
+from buildfleet.storage.base import BlobStore
+from buildfleet.storage.disk import DiskStore
+from buildfleet.storage.memory import MemoryStore
+from buildfleet.storage.postgres import PostgresStore
+from buildfleet.storage.read_cache import ReadCachingStore
+from buildfleet.storage.remote import RemoteStore
+from buildfleet.storage.size_limited import SizeLimitedStore
+
+
+class StoreFactory:
+    """Builds (or reuses, for a named storage) the store each reference describes."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.roots: list[BlobStore] = []  # what the server starts and closes
+        self._named: dict[str, BlobStore] = {}
+
+    def build(self, ref: StorageRef) -> BlobStore:
+        if isinstance(ref, str):
+            if ref not in self._named:
+                self._named[ref] = self.build(self.config.storage[ref])
+            return self._named[ref]
+        store = self._create(ref)
+        self.roots.append(store)
+        return store
+
+    def _part(self, ref: StorageRef) -> BlobStore:
+        """A store that a wrapper owns: the wrapper starts and closes it (unless it is
+        a named storage, which may have other users)."""
+        store = self.build(ref)
+        if not isinstance(ref, str):
+            self.roots.remove(store)
+        return store
+
+    def _create(self, ref: StorageRef) -> BlobStore:
+        if isinstance(ref, DiskStorage):
+            path = Path(ref.path)
+            return self._bounded(DiskStore(path if path.is_absolute() else self.data_dir / path,
+                                           fsync=ref.fsync), ref)
+        if isinstance(ref, MemoryStorage):
+            return SizeLimitedStore(MemoryStore(), int(ref.max_size))
+        if isinstance(ref, SizeLimitedStorage):
+            return SizeLimitedStore(self._part(ref.backend), int(ref.max_size))
+        if isinstance(ref, RemoteStorage):
+            return RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout)
+        if isinstance(ref, PostgresStorage):
+            return self._bounded(PostgresStore(self.config.database, self.config.postgres,
+                                               namespace=ref.namespace), ref)
+        if isinstance(ref, ReadCacheStorage):
+            return ReadCachingStore(self._part(ref.backend), self._part(ref.cache))
+        raise TypeError(f"unknown storage {ref!r}")  # pragma: no cover - config admits no other
+
+    @staticmethod
+    def _bounded(store: BlobStore, ref: DiskStorage | PostgresStorage) -> BlobStore:
+        """`store` behind the size limit that its storage declares, if any."""
+        if ref.max_size is None:
+            return store
+        return SizeLimitedStore(store, int(ref.max_size), rescan_interval=ref.rescan_interval)
