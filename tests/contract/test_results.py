@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from google.protobuf.any_pb2 import Any as AnyProto
-from schedkit import action, completed, packed
+from schedkit import action, active, completed, packed
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import Digest
@@ -119,3 +119,17 @@ async def test_a_result_that_is_not_an_action_result_is_retried(harness: Harness
     await bot.update(ReportedLease(id=lease.id, state=LeaseState.COMPLETED, result=bogus))
     retried = await scheduler.get_operation(operation.name)
     assert not retried.done and retried.attempts == 1
+
+
+async def test_a_result_reported_after_its_lease_ended_is_not_cached(harness: Harness) -> None:
+    _, _, cache = caches()
+    scheduler = await harness.open(action_cache=cache)
+    digest, message = action(6)
+    operation = await scheduler.submit(digest, message, LINUX)
+    bot = Bot(scheduler, "late")
+    await bot.register()
+    (lease,) = await bot.update()
+    await scheduler.cancel_operation(operation.name)
+    await bot.update(active(lease.id))  # told CANCELLED
+    assert await bot.update(completed(lease.id)) == []
+    assert await cache.get(digest) is None

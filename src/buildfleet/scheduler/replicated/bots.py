@@ -11,7 +11,7 @@ same job and neither waits for the other; and, when there is anything to say
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg.rows import dict_row
 
@@ -22,6 +22,7 @@ from buildfleet.scheduler.model import (
     LeaseState,
     Properties,
     ReportedLease,
+    Stage,
 )
 from buildfleet.scheduler.replicated import jobs
 from buildfleet.scheduler.replicated.sql import (
@@ -34,12 +35,14 @@ from buildfleet.scheduler.replicated.sql import (
     QUEUED,
     TERMINATING,
     Row,
+    digest_of,
     lease_view,
     properties_from,
     properties_json,
     row_lease_id,
 )
-from buildfleet.scheduler.replicated.transactions import Tx
+from buildfleet.scheduler.replicated.transactions import JobNews, Tx
+from buildfleet.scheduler.results import LeasedJob
 from buildfleet.scheduler.rules import reports
 from buildfleet.scheduler.rules.matching import Fairness, takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -71,6 +74,8 @@ class Outcome:
     answer: list[Lease] | None  # None: nothing to say yet, long-poll
     holds: bool  # the bot runs leases
     closed: bool = False  # the session ended (the bot terminated)
+    # What settling each answered lease needs, should the bot report it here.
+    leased: dict[str, LeasedJob] = field(default_factory=dict)
 
 
 async def lock_session(tx: Tx, name: str) -> tuple[Row, list[Row]]:
@@ -146,7 +151,10 @@ async def step(tx: Tx, name: str, report: Report | None,
                     worker = %s, last_seen = {NOW}, version = %s
                 WHERE name = %s""",
             (int(status), properties_json(properties), capacity, worker, version, name))
-    return Outcome(session=session(version, len(held)), answer=answer, holds=bool(held))
+    leased = {lease_id: LeasedJob(digest_of(r), r["queued_at"], r["cacheable"])
+              for lease_id, r in held.items()} if respond else {}
+    return Outcome(session=session(version, len(held)), answer=answer, holds=bool(held),
+                   leased=leased)
 
 
 async def _apply(tx: Tx, report: reports.Reconciliation, held: dict[str, Row],
@@ -163,8 +171,7 @@ async def _apply(tx: Tx, report: reports.Reconciliation, held: dict[str, Row],
         await tx.execute(
             f"UPDATE grid_jobs SET lease_state = {ACTIVE}, deadline = {NOW} + run_limit "
             "WHERE id = %s", (job["id"],))
-        job["lease_state"] = ACTIVE
-        tx.effects.jobs.add(job["id"])
+        job["lease_state"] = ACTIVE  # the stage stays EXECUTING: nothing to announce
     for lease_id in report.acknowledged:
         notice = notices.pop(lease_id)
         await tx.execute("UPDATE grid_jobs SET lease_session = NULL WHERE id = %s",
@@ -187,7 +194,7 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
         if len(rows) < batch:
             break
     for row in claimed:
-        tx.effects.jobs.add(row["id"])
+        tx.effects.job(row["id"], JobNews(Stage.EXECUTING, session["bot_id"]))
     tx.effects.queued -= len(claimed)
     tx.effects.stats["assigned"] += len(claimed)
     return claimed

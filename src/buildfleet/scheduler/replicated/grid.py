@@ -3,7 +3,9 @@
 Wake-ups cross replicas with LISTEN/NOTIFY, sent inside the transaction that
 caused them and so delivered only once it commits: a new or requeued job wakes
 one waiting bot that can run it on every replica (the first to claim it wins),
-a job change wakes the operation's watchers, a cancellation wakes the session.
+a job change wakes the operation's watchers (with the job's new stage, and its
+response once done, when they fit: watchers then need not read it back), a
+cancellation wakes the session.
 While the listening connection is down notifications are lost; on reconnecting
 every waiter looks again, and housekeeping wakes waiting bots for queued work
 once per tick anyway.
@@ -12,6 +14,7 @@ once per tick anyway.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
@@ -19,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from buildfleet.postgres import Database, first_line, migrate
+from buildfleet.scheduler.model import Stage
 from buildfleet.scheduler.replicated.sql import channel, properties_from
+from buildfleet.scheduler.replicated.transactions import JobNews
 
 if TYPE_CHECKING:
     from buildfleet.scheduler.replicated.scheduler import ReplicatedScheduler
@@ -27,7 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("work", "job", "session")
-SEPARATOR = "\x1f"  # between the instance name and the rest of a payload
+SEPARATOR = "\x1f"  # between the parts of a payload (the instance name first)
+# PostgreSQL refuses NOTIFY payloads of 8000 bytes and more: a payload that would be
+# longer is sent without what the listener can otherwise look up.
+MAX_PAYLOAD = 7900
 
 
 class ReplicatedGrid:
@@ -78,13 +86,14 @@ class ReplicatedGrid:
                 await self.database.close()
                 self._started = False
 
-    def notes(self, instance: str, jobs: set[str], work: set[str],
+    def notes(self, instance: str, jobs: dict[str, JobNews | None], work: set[str],
               sessions: set[str]) -> tuple[list[str], list[str]]:
         """(channels, payloads) announcing changes of `instance`."""
-        prefix = instance + SEPARATOR
-        notes = [(self.channels["job"], prefix + job) for job in sorted(jobs)]
-        notes += [(self.channels["work"], prefix + reqs) for reqs in sorted(work)]
-        notes += [(self.channels["session"], prefix + name) for name in sorted(sessions)]
+        notes = [(self.channels["job"], job_payload(instance, job, news))
+                 for job, news in sorted(jobs.items())]
+        notes += [(self.channels["work"], work_payload(instance, reqs)) for reqs in sorted(work)]
+        notes += [(self.channels["session"], instance + SEPARATOR + name)
+                  for name in sorted(sessions)]
         return [c for c, _ in notes], [p for _, p in notes]
 
     async def _listen(self) -> None:
@@ -121,8 +130,34 @@ class ReplicatedGrid:
         if scheduler is None:
             return
         if kind == self.channels["work"]:
-            scheduler.wake_for_work(properties_from(rest))
+            scheduler.wake_for_work(properties_from(rest) if rest else None)
         elif kind == self.channels["job"]:
-            scheduler.wake_watchers(rest)
+            scheduler.wake_watchers(*read_job_payload(rest))
         elif kind == self.channels["session"]:
             scheduler.wake_session(rest)
+
+
+def work_payload(instance: str, requirements_json: str) -> str:
+    """New work: its requirements (left out when too long: any waiting bot may look)."""
+    payload = instance + SEPARATOR + requirements_json
+    return payload if len(payload.encode()) <= MAX_PAYLOAD else instance + SEPARATOR
+
+
+def job_payload(instance: str, job_id: str, news: JobNews | None) -> str:
+    """A changed job, with its news when they fit."""
+    plain = instance + SEPARATOR + job_id
+    if news is None:
+        return plain
+    response = base64.b64encode(news.response).decode() if news.response is not None else ""
+    payload = SEPARATOR.join((plain, str(int(news.stage)), response, news.worker))
+    return payload if len(payload.encode()) <= MAX_PAYLOAD else plain
+
+
+def read_job_payload(rest: str) -> tuple[str, JobNews | None]:
+    """(job id, news) from a job payload without its instance name."""
+    parts = rest.split(SEPARATOR, 3)
+    if len(parts) < 4:
+        return parts[0], None
+    job_id, stage, response, worker = parts
+    return job_id, JobNews(Stage(int(stage)), worker,
+                           base64.b64decode(response) if response else None)

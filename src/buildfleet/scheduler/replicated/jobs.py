@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 
+from buildfleet.scheduler.model import Stage
 from buildfleet.scheduler.replicated.sql import (
     CANCELLED,
     COMPLETED,
@@ -23,7 +24,7 @@ from buildfleet.scheduler.replicated.sql import (
     Row,
     digest_of,
 )
-from buildfleet.scheduler.replicated.transactions import Tx
+from buildfleet.scheduler.replicated.transactions import JobNews, Tx
 from buildfleet.scheduler.rules import outcomes, timers
 from buildfleet.scheduler.rules.matching import retry_delay
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -49,7 +50,7 @@ async def complete(tx: Tx, row: Row, response: bytes, *, cancel_lease: bool = Fa
                 WHERE id = %s""", (response, worker, succeeded, succeeded, row["id"]))
     if row["stage"] == QUEUED:
         tx.effects.queued -= 1
-    tx.effects.jobs.add(row["id"])
+    tx.effects.job(row["id"], JobNews(Stage.COMPLETED, worker or row["worker"], response))
 
 
 async def finish(tx: Tx, row: Row, outcome: Completion | Requeue) -> None:
@@ -88,7 +89,7 @@ async def requeue(tx: Tx, row: Row, decision: Requeue) -> None:
            WHERE id = %s""",
         (after.attempts, after.last_failure, json.dumps(failed_on), delay, delay, row["id"]))
     tx.effects.log(logging.INFO, "requeueing %s: %s", digest_of(row), decision.reason)
-    tx.effects.jobs.add(row["id"])
+    tx.effects.job(row["id"], JobNews(Stage.QUEUED, row["worker"]))
     tx.effects.work.add(json.dumps(row["requirements"], sort_keys=True))
     tx.effects.queued += 1
 
@@ -107,6 +108,7 @@ async def abandon_leases(tx: Tx, session: Row) -> None:
     for row in await held_jobs(tx, session["name"]):
         tx.effects.stats["abandoned_leases"] += 1
         await requeue(tx, row, decision)
+    tx.effects.sessions.add(session["name"])  # its leases changed: replicas look again
 
 
 async def close_session(tx: Tx, session: Row, reason: str, *, count_attempt: bool) -> None:

@@ -128,7 +128,7 @@ async def cancel(tx: Tx, name: str) -> None:
     await tx.execute(
         "UPDATE grid_operations SET cancelled = true, own_response = %s WHERE name = %s",
         (outcomes.operation_cancelled(), name))
-    tx.effects.jobs.add(row["id"])
+    tx.effects.job(row["id"])  # this operation ended on its own: its watchers read it
     wanted = await tx.value(
         "SELECT 1 FROM grid_operations WHERE job_id = %s AND NOT cancelled LIMIT 1",
         (row["id"],))
@@ -143,7 +143,7 @@ async def delete(tx: Tx, name: str) -> None:
         (name, tx.instance))
     if job_id is None:
         raise NotFound(f"operation {name!r} does not exist (or has expired)")
-    tx.effects.jobs.add(job_id)
+    tx.effects.job(job_id)
     await tx.execute(
         f"DELETE FROM grid_jobs WHERE id = %s AND stage = {COMPLETED} AND NOT EXISTS "
         "(SELECT 1 FROM grid_operations WHERE job_id = %s)", (job_id, job_id))

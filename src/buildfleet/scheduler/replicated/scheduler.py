@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -36,7 +37,6 @@ from buildfleet.scheduler.model import (
     BotSession,
     BotStatus,
     Lease,
-    LeaseState,
     Operation,
     Properties,
     ReportedLease,
@@ -45,22 +45,20 @@ from buildfleet.scheduler.model import (
 from buildfleet.scheduler.notify import Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.replicated import bots, housekeeping, jobs, operations
-from buildfleet.scheduler.replicated.grid import ReplicatedGrid
+from buildfleet.scheduler.replicated.grid import ReplicatedGrid, work_payload
+from buildfleet.scheduler.replicated.settling import Settler
 from buildfleet.scheduler.replicated.sql import (
     EXECUTING,
     LIVE_LEASE,
     NOW,
     OPERATION_QUERY,
     QUEUED,
-    digest_of,
     operation_view,
     properties_from,
     properties_json,
-    row_lease_id,
     session_view,
 )
-from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
-from buildfleet.scheduler.results import LeasedJob, settle
+from buildfleet.scheduler.replicated.transactions import Effects, JobNews, Retry, Tx, retrying
 from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
 from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -104,6 +102,10 @@ class ReplicatedScheduler:
         self._waiting: dict[str, _Waiting] = {}  # session name -> its long-poll here
         self._open_calls: Counter[str] = Counter()  # session name -> calls open here
         self._watchers = Wakers()  # job id -> watchers here
+        # Job id -> (how often watchers had to read it, the latest news of it): a change
+        # announced without news makes every watcher read the job, however many
+        # notifications arrive before it wakes.
+        self._news: dict[str, tuple[int, JobNews | None]] = {}
         # Operations of jobs this replica just queued, registered for notifications
         # before the job existed, so that `watch` need not read them back:
         # operation name -> (job id, waiter, monotonic time).
@@ -111,6 +113,7 @@ class ReplicatedScheduler:
         # Grid-wide live sessions by name, read each tick (and on calls served here).
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
+        self._settler = Settler(self.db, instance, self.settings, action_cache)
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
         self.stats: Counter[str] = Counter()
         self._housekeeper: asyncio.Task[None] | None = None
@@ -139,20 +142,32 @@ class ReplicatedScheduler:
             waiting.event.set()
         self._watchers.notify_all()
 
-    def wake_for_work(self, requirements: Properties) -> None:
-        """Wake one bot waiting here that can run a job with `requirements`."""
+    def wake_for_work(self, requirements: Properties | None) -> None:
+        """Wake one bot waiting here that can run a job with `requirements` (None: not
+        known, any)."""
         for name, waiting in self._waiting.items():
-            if not waiting.event.is_set() and (waiting.properties is None
+            if not waiting.event.is_set() and (waiting.properties is None or requirements is None
                                                or requirements <= waiting.properties):
                 waiting.event.set()
                 # The next job goes to another waiting bot.
                 self._waiting[name] = self._waiting.pop(name)
                 return
 
-    def wake_watchers(self, job_id: str) -> None:
+    def wake_watchers(self, job_id: str, news: JobNews | None = None) -> None:
+        if job_id not in self._watchers:
+            return
+        reads, _ = self._news.get(job_id, (0, None))
+        self._news[job_id] = (reads + (news is None), news)
         self._watchers.notify(job_id)
 
+    def _unwatch(self, job_id: str) -> None:
+        self._watchers.release(job_id)
+        if job_id not in self._watchers:
+            self._news.pop(job_id, None)
+
     def wake_session(self, name: str) -> None:
+        """The session's leases changed elsewhere (or it closed): wake its long-poll."""
+        self._settler.forget(name)
         waiting = self._waiting.get(name)
         if waiting is not None:
             waiting.event.set()
@@ -226,12 +241,12 @@ class ReplicatedScheduler:
             try:
                 inserted = await self._submit_at_once(job, name, requirements_json)
             except BaseException:
-                self._watchers.release(job["id"])
+                self._unwatch(job["id"])
                 raise
             if inserted:
                 self._fresh[name] = (job["id"], waiter, time.monotonic())
                 return queued
-            self._watchers.release(job["id"])
+            self._unwatch(job["id"])
         joined = await self._transaction(lambda tx: operations.submit(
             tx, job, name=name, skip_cache_lookup=skip_cache_lookup, queued=self._queued))
         if joined is None:
@@ -243,7 +258,7 @@ class ReplicatedScheduler:
         """A new job in one statement (see operations.SUBMIT_AT_ONCE); False when the
         action is in flight already (nothing was written: join it in a transaction)."""
         statement = {**job, "operation": name, "channel": self.grid.channels["work"],
-                     "payload": f"{self.instance}\x1f{requirements_json}"}
+                     "payload": work_payload(self.instance, requirements_json)}
 
         async def attempt() -> tuple[Any, ...]:
             async with self.db.connection() as conn:
@@ -292,12 +307,16 @@ class ReplicatedScheduler:
         return [operation_view(row) for row in rows]
 
     async def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]:
-        """Snapshots of the operation: now, then after each change, until it is done."""
+        """Snapshots of the operation: now, then after each change, until it is done.
+
+        A change announced with news (the job's stage, its response once done) is
+        yielded as such; any other makes the watcher read the operation."""
         job_id = operation.job_id
         fresh = self._fresh.pop(operation.name, None)
         notifier = self._watchers.subscribe(job_id)
         if fresh is not None:
-            self._watchers.release(job_id)  # the registration made at submission
+            self._unwatch(job_id)  # the registration made at submission
+        reads, used = self._news.get(job_id, (0, None))
         try:
             last: tuple[bool, Stage] | None = None
             # Read again now that notifications reach this watcher: a change made
@@ -305,6 +324,7 @@ class ReplicatedScheduler:
             # (Not for an operation this replica just queued: its watcher was
             # registered before the job existed.)
             current: Operation | None = operation if operation.done or fresh else None
+            known = operation
             while True:
                 waiter = fresh[1] if fresh else notifier.waiter()
                 fresh = None
@@ -312,6 +332,7 @@ class ReplicatedScheduler:
                     current = await self._load_operation(operation.name)
                     if current is None:
                         raise NotFound(f"operation {operation.name!r} was deleted")
+                known = current
                 state = (current.done, current.stage)
                 if state != last:
                     last = state
@@ -322,8 +343,16 @@ class ReplicatedScheduler:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(RESYNC):
                         await waiter.wait()
+                # Fresh news since the last look, and no change that needs a read: use
+                # them.  Anything else (a timeout, a reconnection) reads the operation.
+                count, news = self._news.get(job_id, (reads, None))
+                if count == reads and news is not None and news is not used:
+                    current = dataclasses.replace(
+                        known, stage=news.stage, worker=news.worker,
+                        response=news.response if news.stage == Stage.COMPLETED else None)
+                reads, used = count, news
         finally:
-            self._watchers.release(job_id)
+            self._unwatch(job_id)
 
     async def cancel_operation(self, name: str) -> None:
         await self._transaction(lambda tx: operations.cancel(tx, name))
@@ -392,7 +421,7 @@ class ReplicatedScheduler:
         waiting = _Waiting(event=asyncio.Event(), properties=None)
         self._waiting[name] = waiting
         try:
-            settled = await self._settle(name, bot_id, status, leases)
+            settled = await self._settler.settle(name, bot_id, status, leases)
             report = bots.Report(bot_id=bot_id, status=status, leases=leases,
                                  properties=properties, capacity=capacity, worker=worker)
             outcome = await self._step(name, report, settled, may_wait=wait > 0)
@@ -413,6 +442,7 @@ class ReplicatedScheduler:
             assert outcome.answer is not None
             if not outcome.closed:
                 self._seen(outcome.session)
+            self._settler.remember(outcome)
             return outcome.session, outcome.answer
         finally:
             if self._waiting.get(name) is waiting:
@@ -428,37 +458,6 @@ class ReplicatedScheduler:
                                  fairness=self.fairness,
                                  offer_pending=self.settings.offer_pending),
             pipeline=True)
-
-    async def _settle(self, name: str, bot_id: str, status: BotStatus,
-                      leases: list[ReportedLease]) -> dict[str, Completion | Requeue]:
-        """The outcomes of the held leases reported COMPLETED, their blobs stored: read
-        without locks, before the update's transaction (see buildfleet.scheduler.results)."""
-        completed = [report for report in leases if report.state == LeaseState.COMPLETED]
-        if not completed:
-            return {}
-        async with self.db.connection() as conn:
-            rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
-                f"""SELECT s.bot_id, s.status, j.id, j.instance, j.attempts, j.queued_at,
-                           j.cacheable, j.action_hash, j.action_size
-                    FROM grid_sessions s LEFT JOIN grid_jobs j ON j.lease_session = s.name
-                         AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}
-                    WHERE s.name = %s AND s.instance = %s""", (name, self.instance))
-        if not rows:
-            return {}  # the update's transaction says why the session is unknown
-        owner = rows[0]["bot_id"]
-        reports.check_owner(name, owner, bot_id)
-        terminating = reports.status_after(BotStatus(rows[0]["status"]),
-                                           status) == BotStatus.BOT_TERMINATING
-        held = {row_lease_id(row): row for row in rows if row["id"] is not None}
-        settled: dict[str, Completion | Requeue] = {}
-        for report in completed:
-            row = held.get(report.id)
-            if row is not None:
-                settled[report.id] = await settle(
-                    report, LeasedJob(digest_of(row), row["queued_at"], row["cacheable"]),
-                    bot_id=owner, terminating=terminating, action_cache=self.action_cache,
-                    settings=self.settings)
-        return settled
 
     def _seen(self, session: BotSession) -> None:
         """Refresh this replica's view of a session it just served (the rest of the grid
@@ -568,7 +567,7 @@ class ReplicatedScheduler:
         for name, (job_id, _, registered) in list(self._fresh.items()):
             if registered < cutoff:
                 del self._fresh[name]
-                self._watchers.release(job_id)
+                self._unwatch(job_id)
 
     async def _rescue_waiters(self) -> None:
         """Wake bots waiting here for queued work they can run: a notification may have

@@ -24,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from buildfleet.config import SchedulerConfig
+from buildfleet.scheduler.model import Stage
 from buildfleet.scheduler.replicated.sql import Row
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ async def retrying(attempt: Callable[[], Awaitable[T]]) -> T:
 class Effects:
     """What one run of a transaction body decided beyond the database."""
 
-    jobs: set[str] = field(default_factory=set)  # changed jobs: wake their watchers
+    # Changed jobs, to wake their watchers: what they can learn from the notification
+    # alone (None: they read the job).
+    jobs: dict[str, JobNews | None] = field(default_factory=dict)
     work: set[str] = field(default_factory=set)  # requirements (json) of newly queued work
     sessions: set[str] = field(default_factory=set)  # sessions to wake (cancellations)
     queued: int = 0  # jobs added to (or taken from, when negative) the queue
@@ -73,6 +76,22 @@ class Effects:
 
     def log(self, level: int, message: str, *args: Any) -> None:
         self.logs.append((level, message, args))
+
+    def job(self, job_id: str, news: JobNews | None = None) -> None:
+        """Note a changed job.  Several changes of one job in one transaction tell
+        their watchers to read it unless each came with news (the last one wins)."""
+        if job_id in self.jobs and self.jobs[job_id] is None:
+            return
+        self.jobs[job_id] = news if job_id not in self.jobs or news is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class JobNews:
+    """What a job's watchers learn from its notification without reading it back."""
+
+    stage: Stage
+    worker: str = ""
+    response: bytes | None = None  # the ExecuteResponse of a COMPLETED job
 
 
 @dataclass
