@@ -225,3 +225,21 @@ async def test_live_sessions_count_bots_and_free_slots(scheduler: SchedulerAPI) 
     assert scheduler.connected_bots() == 2
     assert (sessions["busy"].held, sessions["busy"].free_slots) == (1, 2)
     assert sessions["unwell"].status == BotStatus.UNHEALTHY
+
+
+async def test_huge_properties_and_bot_ids_still_schedule(scheduler: SchedulerAPI) -> None:
+    """Wake-ups that carry requirements or a bot id too long to announce as they are
+    (PostgreSQL's NOTIFY takes under 8000 bytes) still reach the bot and the client."""
+    huge = frozenset({("label", "x" * 9000), ("OSFamily", "linux")})
+    bot = Bot(scheduler, "b" * 9000, properties=huge)
+    await bot.register()
+    poll = asyncio.create_task(bot.update(wait=20))
+    await wait_for(lambda: scheduler.is_polling(bot.name), 10, "the bot's long-poll")
+    operation = await scheduler.submit(*action(60), huge)
+    (lease,) = await asyncio.wait_for(poll, 10)
+    watcher = scheduler.watch(operation)
+    assert not (await anext(watcher)).done
+    await bot.update(completed(lease.id))
+    async with asyncio.timeout(10):
+        assert [snapshot.done async for snapshot in watcher][-1]
+    assert (await scheduler.get_operation(operation.name)).worker == bot.bot_id

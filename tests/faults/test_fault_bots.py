@@ -15,9 +15,12 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from botkit import (
     ACTIVE,
@@ -31,6 +34,7 @@ from botkit import (
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2
 from pgkit import postgres_schema
+from procutil import ServeProcess
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -57,8 +61,22 @@ async def collect(call: object) -> list[operations_pb2.Operation]:
     return [operation async for operation in call]  # type: ignore[attr-defined]
 
 
-async def test_bot_killed_mid_lease_completes_on_another_bot(tmp_path: Path) -> None:
-    config = scheduler_config(keepalive=KEEPALIVE, housekeeping_interval=0.2)
+@dataclass
+class Killed:
+    """A bot SIGKILLed while it ran the action, and what the client then got."""
+
+    server: ServeProcess
+    channel: grpc.aio.Channel
+    digest: re_pb2.Digest
+    stream: list[operations_pb2.Operation]  # the client's Execute, to its end
+    elapsed: float  # seconds from the kill to the end of the stream
+
+
+@asynccontextmanager
+async def a_bot_killed_mid_action(tmp_path: Path, config: dict[str, Any],
+                                  timeout: float) -> AsyncIterator[Killed]:
+    """Run an action on bot "doomed" (its first run hangs), register bot "survivor",
+    SIGKILL the first: what the client's Execute then sees (within `timeout` s)."""
     started, pid_file = tmp_path / "started", tmp_path / "first-run.pid"
     # The first run records its pid and hangs; a second run finds the marker and ends.
     script = (f"if [ -e {started} ]; then echo ran-again; "
@@ -78,30 +96,34 @@ async def test_bot_killed_mid_lease_completes_on_another_bot(tmp_path: Path) -> 
             survivor = BotProcess(server.address, tmp_path / "survivor", "survivor")
             bots.append(survivor)
             await survivor.registered()
-
             killed_at = time.monotonic()
             doomed.kill()
-            stream = await asyncio.wait_for(follower, KEEPALIVE + 10)
-            elapsed = time.monotonic() - killed_at
-            assert elapsed < KEEPALIVE + 5, elapsed
-
-            assert [op.done for op in stream].count(True) == 1 and stream[-1].done
-            response = execute_response(stream[-1])
-            assert response.status.code == code_pb2.OK, response.status
-            assert response.result.exit_code == 0
-            assert response.result.execution_metadata.worker == "survivor"
-            assert await stdout_of(channel, response.result) == b"ran-again\n"
-            cached = await re_grpc.ActionCacheStub(channel).GetActionResult(
-                re_pb2.GetActionResultRequest(action_digest=digest))
-            assert await stdout_of(channel, cached) == b"ran-again\n"
-            # A later WaitExecution gives the same single result.
-            again = await collect(wait_execution(channel, stream[-1].name))
-            assert len(again) == 1 and execute_response(again[0]) == response
-            assert not log_has_no_traceback(server.output())
+            stream = await asyncio.wait_for(follower, timeout)
+            yield Killed(server, channel, digest, stream, time.monotonic() - killed_at)
         finally:
             kill_process_group(pid_file)
             for bot in bots:
                 bot.kill()
+
+
+async def test_bot_killed_mid_lease_completes_on_another_bot(tmp_path: Path) -> None:
+    config = scheduler_config(keepalive=KEEPALIVE, housekeeping_interval=0.2)
+    async with a_bot_killed_mid_action(tmp_path, config, KEEPALIVE + 10) as killed:
+        assert killed.elapsed < KEEPALIVE + 5, killed.elapsed
+        stream, channel = killed.stream, killed.channel
+        assert [op.done for op in stream].count(True) == 1 and stream[-1].done
+        response = execute_response(stream[-1])
+        assert response.status.code == code_pb2.OK, response.status
+        assert response.result.exit_code == 0
+        assert response.result.execution_metadata.worker == "survivor"
+        assert await stdout_of(channel, response.result) == b"ran-again\n"
+        cached = await re_grpc.ActionCacheStub(channel).GetActionResult(
+            re_pb2.GetActionResultRequest(action_digest=killed.digest))
+        assert await stdout_of(channel, cached) == b"ran-again\n"
+        # A later WaitExecution gives the same single result.
+        again = await collect(wait_execution(channel, stream[-1].name))
+        assert len(again) == 1 and execute_response(again[0]) == response
+        assert not log_has_no_traceback(killed.server.output())
 
 
 @pytest.fixture(params=["embedded", "replicated"])
@@ -120,40 +142,15 @@ async def test_a_dead_bots_lease_moves_on_within_the_lease_timeout(
     bot` SIGKILLed while it runs an action: the action completes on another bot
     within 15 s of the kill, long before the dead bot's session expires."""
     name, config = strategy
-    started, pid_file = tmp_path / "started", tmp_path / "first-run.pid"
-    script = (f"if [ -e {started} ]; then echo ran-again; "
-              f"else echo $$ > {pid_file}; touch {started}; exec sleep 120; fi")
-    blobs, digest = shell_action(script)
-    bots: list[BotProcess] = []
-    async with serving(tmp_path / "server", tmp_path / "data", config) as (server, channel):
-        try:
-            await upload(channel, *blobs)
-            doomed = BotProcess(server.address, tmp_path / "doomed", "doomed")
-            bots.append(doomed)
-            await doomed.registered()
-            follower = asyncio.create_task(collect(Client(channel).execute(digest)))
-            await wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(),
-                             "the command to start on the first bot")
-            survivor = BotProcess(server.address, tmp_path / "survivor", "survivor")
-            bots.append(survivor)
-            await survivor.registered()
-            await asyncio.sleep(3)  # the action has been running a while
-            killed_at = time.monotonic()
-            doomed.kill()
-            stream = await asyncio.wait_for(follower, 30)
-            elapsed = time.monotonic() - killed_at
-            print(f"{name}: the action completed on another bot {elapsed:.1f} s "
-                  "after its first bot was killed")
-            assert elapsed < 15, elapsed
-            response = execute_response(stream[-1])
-            assert response.status.code == code_pb2.OK, response.status
-            assert response.result.execution_metadata.worker == "survivor"
-            assert await stdout_of(channel, response.result) == b"ran-again\n"
-            assert not log_has_no_traceback(server.output())
-        finally:
-            kill_process_group(pid_file)
-            for bot in bots:
-                bot.kill()
+    async with a_bot_killed_mid_action(tmp_path, config, 30) as killed:
+        print(f"{name}: the action completed on another bot {killed.elapsed:.1f} s "
+              "after its first bot was killed")
+        assert killed.elapsed < 15, killed.elapsed
+        response = execute_response(killed.stream[-1])
+        assert response.status.code == code_pb2.OK, response.status
+        assert response.result.execution_metadata.worker == "survivor"
+        assert await stdout_of(killed.channel, response.result) == b"ran-again\n"
+        assert not log_has_no_traceback(killed.server.output())
 
 
 async def run_bot(bot: StubBot, leased: dict[str, list[str]], done: Callable[[], bool], *,

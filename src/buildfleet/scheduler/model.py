@@ -8,6 +8,7 @@ numbers of the wire protocols, so they convert to protos by value.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -124,3 +125,8 @@ class BotEvent:
     time: float
     type: str
     message: str
+
+
+def random_id() -> str:
+    """A new unique id (for jobs, operations, sessions): the default id generator."""
+    return str(uuid.uuid4())

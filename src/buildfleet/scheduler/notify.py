@@ -1,10 +1,18 @@
-"""Waking waiting coroutines: how both strategies tell a long-poll or a watcher
-that what it waits on changed.  This is runtime machinery, kept apart from the
-domain values: a waiting bot or Execute stream costs an event, never a thread."""
+"""The scheduler's runtime machinery, kept apart from the domain values: waking
+waiting coroutines (how both strategies tell a long-poll or a watcher that what it
+waits on changed -- a waiting bot or Execute stream costs an event, never a
+thread), and the ticking of housekeeping."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from buildfleet.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class Notifier:
@@ -62,3 +70,43 @@ class Wakers:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class Ticker:
+    """Runs a coroutine function every `interval` seconds in a task of its own, until
+    stopped: a strategy's housekeeping.  A failed pass is logged and the next one
+    runs on time; while the database is unreachable that is a warning, not a bug."""
+
+    def __init__(self, name: str, interval: float,
+                 tick: Callable[[], Awaitable[None]]) -> None:
+        self.name = name
+        self.interval = interval
+        self._tick = tick
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as error:
+                log.warning("%s skipped: %s", self.name, error.message)
+            except Exception:
+                log.exception("%s failed", self.name)

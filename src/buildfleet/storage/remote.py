@@ -255,14 +255,7 @@ class RemoteStore(BlobStore):
         except BuildfleetError:
             if len(blobs) == 1:
                 raise
-        results: list[BuildfleetError | None] = []
-        for digest, data in blobs:
-            try:
-                await self.put(digest, data)
-                results.append(None)
-            except BuildfleetError as error:
-                results.append(error)
-        return results
+        return await super().put_batch(blobs)  # one by one, to tell which
 
     async def begin_write(self, digest: Digest) -> BlobWriter:
         return _RemoteWriter(self, digest)

@@ -16,10 +16,8 @@ difference between the two strategies was settled is written down in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 
 from google.longrunning import operations_pb2
@@ -42,8 +40,9 @@ from buildfleet.scheduler.model import (
     Operation,
     Properties,
     ReportedLease,
+    random_id,
 )
-from buildfleet.scheduler.notify import Wakers
+from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.results import LeasedJob, settle
 from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
@@ -54,10 +53,6 @@ from buildfleet.storage.action_cache import ActionCache
 log = logging.getLogger(__name__)
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
-
-
 class EmbeddedScheduler:
     """Schedules the actions of one instance onto its bots, state in memory."""
 
@@ -66,7 +61,7 @@ class EmbeddedScheduler:
                  settings: SchedulerConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time,
-                 new_id: Callable[[], str] = _new_id) -> None:
+                 new_id: Callable[[], str] = random_id) -> None:
         self.instance = instance
         self.store = store
         self.action_cache = action_cache
@@ -78,23 +73,19 @@ class EmbeddedScheduler:
             wake_session=lambda session: self._sessions.notify(session.name),
             wake_job=lambda job: self._jobs.notify(job.id))
         self.stats = self.state.stats
-        self._housekeeper: asyncio.Task[None] | None = None
+        self._housekeeper = Ticker(f"scheduler[{instance!r}] housekeeping",
+                                   self.settings.tick, self.housekeep)
 
     # ------------------------------------------------------------------ life
     async def start(self) -> None:
         """Restore stored state and start housekeeping (once; later calls do nothing)."""
-        if self._housekeeper is not None:
+        if self._housekeeper.running:
             return
         restore(self.state, await self.store.load(self.instance))
-        self._housekeeper = asyncio.create_task(self._housekeeping(),
-                                                name=f"scheduler[{self.instance!r}]")
+        self._housekeeper.start()
 
     async def close(self) -> None:
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeper
-            self._housekeeper = None
+        await self._housekeeper.stop()
         self._sessions.notify_all()
         self._jobs.notify_all()
 
@@ -337,13 +328,3 @@ class EmbeddedScheduler:
         """One housekeeping pass, its changes committed."""
         housekeep(self.state)
         await self.store.flush()
-
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.tick)
-            try:
-                await self.housekeep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler housekeeping failed")

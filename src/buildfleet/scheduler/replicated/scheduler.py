@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -41,8 +40,9 @@ from buildfleet.scheduler.model import (
     Properties,
     ReportedLease,
     Stage,
+    random_id,
 )
-from buildfleet.scheduler.notify import Wakers
+from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.replicated import bots, housekeeping, jobs, operations
 from buildfleet.scheduler.replicated.grid import ReplicatedGrid, work_payload
@@ -80,17 +80,13 @@ class _Waiting:
     properties: Properties | None  # None: not known yet (any work wakes it)
 
 
-def _new_id() -> str:
-    return str(uuid.uuid4())
-
-
 class ReplicatedScheduler:
     """Schedules one instance's actions with the state in PostgreSQL."""
 
     def __init__(self, instance: str, grid: ReplicatedGrid, *,
                  action_cache: ActionCache | None = None,
                  settings: SchedulerConfig | None = None,
-                 new_id: Callable[[], str] = _new_id) -> None:
+                 new_id: Callable[[], str] = random_id) -> None:
         self.instance = instance
         self.grid = grid
         self.store = grid
@@ -116,24 +112,20 @@ class ReplicatedScheduler:
         self._settler = Settler(self.db, instance, self.settings, action_cache)
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
         self.stats: Counter[str] = Counter()
-        self._housekeeper: asyncio.Task[None] | None = None
+        self._housekeeper = Ticker(f"replicated scheduler[{instance!r}] housekeeping",
+                                   self.settings.tick, self.housekeep)
 
     # ------------------------------------------------------------------ life
     async def start(self) -> None:
-        if self._housekeeper is not None:
+        if self._housekeeper.running:
             return
         await self.grid.start()
         with contextlib.suppress(Unavailable):
             await self._refresh()
-        self._housekeeper = asyncio.create_task(self._housekeeping(),
-                                                name=f"replicated-scheduler[{self.instance!r}]")
+        self._housekeeper.start()
 
     async def close(self) -> None:
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeper
-            self._housekeeper = None
+        await self._housekeeper.stop()
         self.wake_everything()
 
     # ------------------------------------------------------------- wake-ups
@@ -531,18 +523,6 @@ class ReplicatedScheduler:
         self._queued = int(queued or 0)
 
     # ------------------------------------------------------------- housekeeping
-    async def _housekeeping(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.tick)
-            try:
-                await self.housekeep()
-            except asyncio.CancelledError:
-                raise
-            except Unavailable as error:
-                log.warning("scheduler housekeeping skipped: %s", error.message)
-            except Exception:
-                log.exception("scheduler housekeeping failed")
-
     async def housekeep(self) -> None:
         """One pass: keep this replica's sessions alive, handle silent ones, end overdue
         jobs, fail unrunnable ones, forget old ones, wake bots for missed work."""
