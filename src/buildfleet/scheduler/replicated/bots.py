@@ -83,7 +83,8 @@ async def lock_session(tx: Tx, name: str) -> tuple[Row, list[Row]]:
     InvalidArgument (register again) when the session is closed or unknown."""
     cursor = tx.conn.cursor(row_factory=dict_row)
     await cursor.execute(
-        "SELECT * FROM grid_sessions WHERE name = %s AND instance = %s FOR UPDATE",
+        f"SELECT *, {NOW} AS now, {NOW} - last_seen AS since_seen FROM grid_sessions "
+        "WHERE name = %s AND instance = %s FOR UPDATE",
         (name, tx.instance))
     jobs_cursor = tx.conn.cursor(row_factory=dict_row)
     # Sent before the first result is read: in a pipeline, one round trip for both.
@@ -141,11 +142,15 @@ async def step(tx: Tx, name: str, report: Report | None,
             changed = True
     respond = changed or bool(notices) or not may_wait
     answer = await _answer(tx, held, notices) if respond else None
-    version = row["version"] + int(respond)
-    if report is not None or respond:
-        # One write of the session per step: what the bot reported, that it was seen
-        # now, and (when answering) the version it will echo.  The row is locked,
-        # so the new version is known without reading it back.
+    # The version a bot echoes: the database's time of the answer in microseconds,
+    # which grows from answer to answer whichever replica gives it, with no write.
+    version = max(row["version"] + 1, int(row["now"] * 1e6)) if respond else row["version"]
+    reported = (int(status), properties, capacity, worker) != (
+        row["status"], properties_from(row["properties"]), row["capacity"], bytes(row["worker"]))
+    if reported or row["since_seen"] > tx.settings.tick:
+        # At most one write of the session per step, only when what the bot reported
+        # changed or it was last marked seen a tick ago (a call open on a replica is
+        # kept fresh by that replica's housekeeping).
         await tx.execute(
             f"""UPDATE grid_sessions SET status = %s, properties = %s::jsonb, capacity = %s,
                     worker = %s, last_seen = {NOW}, version = %s

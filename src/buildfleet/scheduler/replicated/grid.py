@@ -132,7 +132,8 @@ class ReplicatedGrid:
         if kind == self.channels["work"]:
             scheduler.wake_for_work(properties_from(rest) if rest else None)
         elif kind == self.channels["job"]:
-            scheduler.wake_watchers(*read_job_payload(rest))
+            if scheduler.watches(rest.partition(SEPARATOR)[0]):  # most are watched elsewhere
+                scheduler.wake_watchers(*read_job_payload(rest))
         elif kind == self.channels["session"]:
             scheduler.wake_session(rest)
 

@@ -145,6 +145,10 @@ class ReplicatedScheduler:
                 self._waiting[name] = self._waiting.pop(name)
                 return
 
+    def watches(self, job_id: str) -> bool:
+        """Whether anyone here watches the job."""
+        return job_id in self._watchers
+
     def wake_watchers(self, job_id: str, news: JobNews | None = None) -> None:
         if job_id not in self._watchers:
             return
