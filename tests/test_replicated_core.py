@@ -321,3 +321,37 @@ async def test_a_queued_operation_nobody_watches_is_not_listened_for_forever(
     assert watched.job_id in a._watchers
     await watcher.aclose()
     assert watched.job_id not in a._watchers
+
+
+async def test_a_retried_transaction_counts_and_logs_once(
+        replicas: list[Replica], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step that PostgreSQL aborts after doing its work runs again from the start;
+    what it decided beyond the database (counters, the fairness count) happens once."""
+    from buildfleet.scheduler.replicated import bots
+    from buildfleet.scheduler.replicated.transactions import Retry
+
+    a = replicas[0].scheduler
+    session = await a.create_session("bot-t", status=BotStatus.OK, properties=LINUX,
+                                     capacity=1)
+    await a.submit(*action(80), LINUX)
+    await a.submit(*action(81), LINUX)
+    _, [lease] = await a.update_session(session.name, bot_id="bot-t", status=BotStatus.OK,
+                                        leases=[], wait=0)
+    real_step, aborted = bots.step, []
+
+    async def abort_once(*args: object, **kwargs: object) -> bots.Outcome:
+        outcome = await real_step(*args, **kwargs)  # type: ignore[arg-type]
+        if not aborted:
+            aborted.append(True)
+            raise Retry("aborted after the work was done")
+        return outcome
+
+    monkeypatch.setattr(bots, "step", abort_once)
+    before = dict(a.stats)
+    picks = a.fairness.picks
+    _, [second] = await a.update_session(session.name, bot_id="bot-t", status=BotStatus.OK,
+                                         leases=[completed(lease.id)], wait=0)
+    assert aborted and second.id != lease.id
+    assert a.stats["completed"] - before.get("completed", 0) == 1
+    assert a.stats["assigned"] - before.get("assigned", 0) == 1
+    assert a.fairness.picks - picks == 1

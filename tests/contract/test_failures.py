@@ -173,3 +173,25 @@ async def test_an_action_no_bot_can_run_fails_naming_what_is_missing(
     assert message == ("no bot can run this action: for 0.5s no connected bot had the "
                        "platform properties OSFamily=windows")
     assert not (await scheduler.get_operation(runnable.name)).done
+
+
+@pytest.mark.parametrize("other", ["silent", "terminating"])
+async def test_a_failed_action_returns_to_its_bot_when_no_other_live_bot_could_run_it(
+        harness: Harness, other: str) -> None:
+    """Only live bots that may yet work count as others: one silent beyond the
+    keepalive (its session not yet closed) or terminating does not."""
+    scheduler = await harness.open(settings(keepalive=0.5, lease_timeout=30, retry_backoff=0,
+                                            housekeeping_interval=60))
+    operation = await scheduler.submit(*action(10), LINUX)
+    failing, peer = Bot(scheduler, "failing"), Bot(scheduler, "peer")
+    await failing.register()
+    await peer.register(status=BotStatus.BOT_TERMINATING if other == "terminating"
+                        else BotStatus.OK)
+    (lease,) = await failing.update()
+    if other == "silent":
+        await asyncio.sleep(0.6)  # the peer's keepalive passes; nothing closes it (no tick)
+        await failing.update(active(lease.id))  # the failing bot itself stays live
+    await failing.update(completed(lease.id, code=code_pb2.INTERNAL))
+    (retry,) = await failing.update()
+    assert retry.action_digest == action(10)[0]
+    assert (await scheduler.get_operation(operation.name)).attempts == 1

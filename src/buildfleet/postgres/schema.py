@@ -150,7 +150,9 @@ MIGRATIONS: list[str] = [
     # (buildfleet.scheduler.rules): a lease's id is derived from the job's id and
     # attempts, so it is no longer stored; how long a job may run is fixed when it
     # is submitted (`run_limit`) and its `deadline` set whenever a lease starts; a
-    # job a bot failed is kept from that bot until `retry_at`.
+    # job a bot failed is kept from that bot until `retry_at`.  Lookups by action go
+    # through the unique index of the jobs in flight, so the index of every job by
+    # action (which each update of a job had to maintain) goes.
     """
     ALTER TABLE grid_jobs ADD COLUMN run_limit double precision NOT NULL DEFAULT 0;
     ALTER TABLE grid_jobs ADD COLUMN deadline double precision;
@@ -162,5 +164,6 @@ MIGRATIONS: list[str] = [
     ALTER TABLE grid_jobs DROP COLUMN lease_id;
     ALTER TABLE grid_jobs DROP COLUMN started_at;
     CREATE INDEX grid_jobs_deadline ON grid_jobs (instance, deadline) WHERE stage = 3;
+    DROP INDEX grid_jobs_action;
     """,
 ]

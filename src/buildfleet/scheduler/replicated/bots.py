@@ -25,6 +25,13 @@ from buildfleet.scheduler.model import (
     Stage,
 )
 from buildfleet.scheduler.replicated import jobs
+from buildfleet.scheduler.replicated.notes import (
+    MAX_PAYLOAD,
+    SEPARATOR,
+    JobNews,
+    job_note,
+    news_suffix,
+)
 from buildfleet.scheduler.replicated.sql import (
     ACTIVE,
     CANCELLED,
@@ -41,7 +48,7 @@ from buildfleet.scheduler.replicated.sql import (
     properties_json,
     row_lease_id,
 )
-from buildfleet.scheduler.replicated.transactions import JobNews, Tx
+from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.results import LeasedJob
 from buildfleet.scheduler.rules import reports
 from buildfleet.scheduler.rules.matching import Fairness, takes_work
@@ -198,8 +205,6 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
         slots -= len(rows)
         if len(rows) < batch:
             break
-    for row in claimed:
-        tx.effects.job(row["id"], JobNews(Stage.EXECUTING, session["bot_id"]))
     tx.effects.queued -= len(claimed)
     tx.effects.stats["assigned"] += len(claimed)
     return claimed
@@ -229,18 +234,29 @@ _CLAIM = f"""
         lease_state = %(state)s, lease_delivered = true, deadline = {NOW} + j.run_limit,
         unmatched_since = NULL
     FROM picked WHERE j.id = picked.id
-    RETURNING {JOB_COLUMNS}"""
+    RETURNING {JOB_COLUMNS}, CASE WHEN %(channel)s <> '' THEN pg_notify(%(channel)s, CASE
+        WHEN octet_length(%(prefix)s || j.id || %(news)s) <= %(most)s
+        THEN %(prefix)s || j.id || %(news)s ELSE %(prefix)s || j.id END) END"""
 CLAIM_BY_URGENCY = _CLAIM.format(order="j.priority, j.seq")
 CLAIM_BY_AGE = _CLAIM.format(order="j.seq")
 
 
 async def claim_batch(tx: Tx, session: Row, properties: Properties, slots: int,
-                       oldest_first: bool, offer_pending: bool) -> list[Row]:
+                      oldest_first: bool, offer_pending: bool) -> list[Row]:
+    """One claim statement; it announces each job it leases (with its news when they
+    fit, as `notes.job_note` writes them)."""
+    news = JobNews(Stage.EXECUTING, session["bot_id"])
     claimed = await tx.rows(CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY, {
         "instance": tx.instance, "properties": properties_json(properties),
         "bot": session["bot_id"], "name": session["name"],
         "keepalive": tx.settings.keepalive, "slots": slots,
-        "state": PENDING if offer_pending else ACTIVE})
+        "state": PENDING if offer_pending else ACTIVE, "channel": tx.job_channel,
+        "prefix": tx.instance + SEPARATOR, "news": news_suffix(news), "most": MAX_PAYLOAD})
+    for row in claimed:
+        if tx.job_channel:
+            tx.announced(row["id"], job_note(tx.instance, row["id"], news)[1])
+        else:
+            tx.effects.job(row["id"], news)
     claimed.sort(key=lambda r: (r["seq"],) if oldest_first else (r["priority"], r["seq"]))
     return claimed
 

@@ -14,7 +14,6 @@ once per tick anyway.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
@@ -22,9 +21,14 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from buildfleet.postgres import Database, first_line, migrate
-from buildfleet.scheduler.model import Stage
+from buildfleet.scheduler.replicated.notes import (
+    SEPARATOR,
+    JobNews,
+    job_payload,
+    read_job_payload,
+    work_payload,
+)
 from buildfleet.scheduler.replicated.sql import channel, properties_from
-from buildfleet.scheduler.replicated.transactions import JobNews
 
 if TYPE_CHECKING:
     from buildfleet.scheduler.replicated.scheduler import ReplicatedScheduler
@@ -32,10 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("work", "job", "session")
-SEPARATOR = "\x1f"  # between the parts of a payload (the instance name first)
-# PostgreSQL refuses NOTIFY payloads of 8000 bytes and more: a payload that would be
-# longer is sent without what the listener can otherwise look up.
-MAX_PAYLOAD = 7900
 
 
 class ReplicatedGrid:
@@ -136,29 +136,3 @@ class ReplicatedGrid:
                 scheduler.wake_watchers(*read_job_payload(rest))
         elif kind == self.channels["session"]:
             scheduler.wake_session(rest)
-
-
-def work_payload(instance: str, requirements_json: str) -> str:
-    """New work: its requirements (left out when too long: any waiting bot may look)."""
-    payload = instance + SEPARATOR + requirements_json
-    return payload if len(payload.encode()) <= MAX_PAYLOAD else instance + SEPARATOR
-
-
-def job_payload(instance: str, job_id: str, news: JobNews | None) -> str:
-    """A changed job, with its news when they fit."""
-    plain = instance + SEPARATOR + job_id
-    if news is None:
-        return plain
-    response = base64.b64encode(news.response).decode() if news.response is not None else ""
-    payload = SEPARATOR.join((plain, str(int(news.stage)), response, news.worker))
-    return payload if len(payload.encode()) <= MAX_PAYLOAD else plain
-
-
-def read_job_payload(rest: str) -> tuple[str, JobNews | None]:
-    """(job id, news) from a job payload without its instance name."""
-    parts = rest.split(SEPARATOR, 3)
-    if len(parts) < 4:
-        return parts[0], None
-    job_id, stage, response, worker = parts
-    return job_id, JobNews(Stage(int(stage)), worker,
-                           base64.b64decode(response) if response else None)

@@ -13,6 +13,7 @@ import json
 import logging
 
 from buildfleet.scheduler.model import Stage
+from buildfleet.scheduler.replicated.notes import JobNews
 from buildfleet.scheduler.replicated.sql import (
     CANCELLED,
     COMPLETED,
@@ -24,7 +25,7 @@ from buildfleet.scheduler.replicated.sql import (
     Row,
     digest_of,
 )
-from buildfleet.scheduler.replicated.transactions import JobNews, Tx
+from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.rules import outcomes, timers
 from buildfleet.scheduler.rules.matching import retry_delay
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -36,21 +37,23 @@ async def complete(tx: Tx, row: Row, response: bytes, *, cancel_lease: bool = Fa
     CANCELLED (the lease stays on the row, marked, until the bot has been told).
     A job that succeeded keeps its action's place in the unique index for a moment
     (`dedup`), so that a submission racing the completion joins it."""
+    note = tx.announcing(row["id"], JobNews(Stage.COMPLETED, worker or row["worker"], response))
+    announce = " RETURNING pg_notify(%s, %s)" if note else ""
     if cancel_lease and row["stage"] == EXECUTING and row["lease_session"] is not None:
         await tx.execute(
             f"""UPDATE grid_jobs SET stage = {COMPLETED}, response = %s, completed_at = {NOW},
                     lease_state = {CANCELLED}, deadline = NULL
-                WHERE id = %s""", (response, row["id"]))
+                WHERE id = %s""" + announce, (response, row["id"], *(note or ())))
         tx.effects.sessions.add(row["lease_session"])
     else:
         await tx.execute(
             f"""UPDATE grid_jobs SET stage = {COMPLETED}, response = %s, completed_at = {NOW},
                     lease_session = NULL, lease_state = NULL, deadline = NULL,
                     worker = COALESCE(%s, worker), succeeded = %s, dedup = %s AND cacheable
-                WHERE id = %s""", (response, worker, succeeded, succeeded, row["id"]))
+                WHERE id = %s""" + announce,
+            (response, worker, succeeded, succeeded, row["id"], *(note or ())))
     if row["stage"] == QUEUED:
         tx.effects.queued -= 1
-    tx.effects.job(row["id"], JobNews(Stage.COMPLETED, worker or row["worker"], response))
 
 
 async def finish(tx: Tx, row: Row, outcome: Completion | Requeue) -> None:

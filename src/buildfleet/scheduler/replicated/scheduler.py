@@ -45,7 +45,8 @@ from buildfleet.scheduler.model import (
 from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.replicated import bots, housekeeping, jobs, operations
-from buildfleet.scheduler.replicated.grid import ReplicatedGrid, work_payload
+from buildfleet.scheduler.replicated.grid import ReplicatedGrid
+from buildfleet.scheduler.replicated.notes import JobNews, work_payload
 from buildfleet.scheduler.replicated.settling import Settler
 from buildfleet.scheduler.replicated.sql import (
     EXECUTING,
@@ -58,7 +59,7 @@ from buildfleet.scheduler.replicated.sql import (
     properties_json,
     session_view,
 )
-from buildfleet.scheduler.replicated.transactions import Effects, JobNews, Retry, Tx, retrying
+from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
 from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
 from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -179,7 +180,8 @@ class ReplicatedScheduler:
         async def attempt() -> tuple[T, Effects]:
             effects = Effects()
             async with self.db.transaction(pipeline=pipeline) as conn:
-                result = await body(Tx(conn, effects, self.instance, self.settings))
+                result = await body(Tx(conn, effects, self.instance, self.settings,
+                                       self.grid.channels["job"]))
                 await self._announce(conn, effects)
             return result, effects
 
@@ -189,8 +191,8 @@ class ReplicatedScheduler:
 
     async def _announce(self, conn: psycopg.AsyncConnection[Any], effects: Effects) -> None:
         """NOTIFY inside the transaction: PostgreSQL delivers it at commit, or never."""
-        channels, payloads = self.grid.notes(self.instance, effects.jobs, effects.work,
-                                             effects.sessions)
+        channels, payloads = self.grid.notes(self.instance, effects.unannounced(),
+                                             effects.work, effects.sessions)
         if channels:
             await conn.execute(
                 "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)",

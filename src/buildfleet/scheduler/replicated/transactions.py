@@ -24,7 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from buildfleet.config import SchedulerConfig
-from buildfleet.scheduler.model import Stage
+from buildfleet.scheduler.replicated.notes import JobNews, job_note
 from buildfleet.scheduler.replicated.sql import Row
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class Effects:
     # Changed jobs, to wake their watchers: what they can learn from the notification
     # alone (None: they read the job).
     jobs: dict[str, JobNews | None] = field(default_factory=dict)
+    # What the statements that changed a job announced already (see Tx.announcing).
+    announced: dict[str, JobNews | None] = field(default_factory=dict)
     work: set[str] = field(default_factory=set)  # requirements (json) of newly queued work
     sessions: set[str] = field(default_factory=set)  # sessions to wake (cancellations)
     queued: int = 0  # jobs added to (or taken from, when negative) the queue
@@ -84,14 +86,10 @@ class Effects:
             return
         self.jobs[job_id] = news if job_id not in self.jobs or news is not None else None
 
-
-@dataclass(frozen=True, slots=True)
-class JobNews:
-    """What a job's watchers learn from its notification without reading it back."""
-
-    stage: Stage
-    worker: str = ""
-    response: bytes | None = None  # the ExecuteResponse of a COMPLETED job
+    def unannounced(self) -> dict[str, JobNews | None]:
+        """The job changes still to announce when the transaction ends."""
+        return {job: news for job, news in self.jobs.items()
+                if job not in self.announced or self.announced[job] is not news}
 
 
 @dataclass
@@ -103,6 +101,23 @@ class Tx:
     effects: Effects
     instance: str
     settings: SchedulerConfig
+    job_channel: str = ""  # where job changes are announced ("": at the end)
+
+    def announcing(self, job_id: str, news: JobNews) -> tuple[str, str] | None:
+        """Note a job change; (channel, payload) for the statement making it to announce
+        it (`RETURNING pg_notify(...)`: no statement of its own), or None when it is
+        announced at the end with the job's other changes."""
+        if job_id in self.effects.jobs or not self.job_channel:
+            self.effects.job(job_id, news)
+            return None
+        payload, sent = job_note(self.instance, job_id, news)
+        self.announced(job_id, sent)
+        return self.job_channel, payload
+
+    def announced(self, job_id: str, news: JobNews | None) -> None:
+        """Note a job change that its statement announced (with `news`, or for reading)."""
+        self.effects.job(job_id, news)
+        self.effects.announced[job_id] = news
 
     async def execute(self, statement: str, params: Any = None) -> None:
         """A statement whose result is not needed (in a pipeline: no round trip)."""
