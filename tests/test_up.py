@@ -129,3 +129,43 @@ def test_bad_instance_option_is_refused(tmp_path: Path) -> None:
     with up:
         assert up.wait(30) != 0
         assert "no such instance" in up.stderr()
+
+
+def test_up_secure_makes_credentials_once_and_serves_only_with_them(tmp_path: Path) -> None:
+    import stat
+
+    from authkit import channel_with
+
+    data = tmp_path / "data"
+    with UpProcess.start(tmp_path / "first", bots=1, data_dir=data,
+                         extra_args=["--secure"]) as up:
+        assert "buildfleet is up: grpcs://" in up.stdout(), up.report()
+        flags = up.bazel_flags()
+        assert f"--remote_executor=grpcs://{up.endpoint}" in flags, flags
+        ca = next(f.split("=", 1)[1] for f in flags if f.startswith("--tls_certificate="))
+        header = next(f for f in flags if f.startswith("--remote_header="))
+        token = header.split("Bearer ", 1)[1]
+        secure = data / "secure"
+        for private in ("ca.key", "server.key", "bot.token", "client.token", "tokens.yaml"):
+            assert stat.S_IMODE((secure / private).stat().st_mode) == 0o600, private
+
+        ca_pem = Path(ca).read_bytes()
+
+        async def run(presented: str | None) -> re_pb2.ExecuteResponse:
+            async with channel_with(up.endpoint, ca_pem, presented) as ch:
+                client = Client(ch)
+                digest = await client.action("echo", "secure", do_not_cache=True,
+                                             platform=[("OSFamily", OS_FAMILY)])
+                return await client.result(client.execute(digest))
+
+        response = asyncio.run(run(token))
+        assert response.status.code == 0 and response.result.exit_code == 0, response
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            asyncio.run(run(None))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        first_ca = ca_pem
+    # A second start reuses what the first made.
+    with UpProcess.start(tmp_path / "second", bots=1, data_dir=data,
+                         extra_args=["--secure"]) as again:
+        assert (data / "secure" / "ca.pem").read_bytes() == first_ca
+        assert any(token in flag for flag in again.bazel_flags())

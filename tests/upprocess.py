@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from procutil import ChildProcess
 
-_ENDPOINT = re.compile(r"^buildfleet is up: grpc://(?P<address>\S+)$", re.MULTILINE)
+_ENDPOINT = re.compile(r"^buildfleet is up: grpcs?://(?P<address>\S+)$", re.MULTILINE)
 _BAZEL_LINE = re.compile(r"^  bazel build //\.\.\. (?P<flags>.+)$", re.MULTILINE)
 _END_OF_BANNER = "Ctrl-C stops the grid."
 
@@ -163,7 +164,7 @@ class UpProcess(ChildProcess):
     def bazel_flags(self, instance: str = "") -> list[str]:
         """The flags printed on the `bazel build //... FLAGS` line of `instance`."""
         for match in _BAZEL_LINE.finditer(self.stdout()):
-            flags = match["flags"].split()
+            flags = shlex.split(match["flags"])
             named = [f.split("=", 1)[1] for f in flags
                      if f.startswith("--remote_instance_name=")]
             if (named[0] if named else "") == instance:

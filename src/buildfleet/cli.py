@@ -44,8 +44,11 @@ def main() -> None:
                    "Default scheduler.sqlite3.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--insecure", is_flag=True,
+              help="Serve addresses other machines can reach without authentication "
+                   "(refused otherwise).")
 def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | None,
-          database: str | None, log_level: str) -> None:
+          database: str | None, log_level: str, insecure: bool) -> None:
     """Run the server in the foreground until SIGTERM or Ctrl-C."""
     from buildfleet.postgres import UnusableDatabase
     from buildfleet.server.app import serve as run_server
@@ -53,12 +56,12 @@ def serve(listen: tuple[str, ...], data_dir: Path | None, config_file: Path | No
     _setup_logging(log_level)
     try:
         config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir,
-                                                         database=database)
+                                                         database=database, insecure=insecure)
     except (ConfigError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     try:
         asyncio.run(run_server(config))
-    except (OSError, Unavailable, UnusableDatabase) as error:
+    except (ConfigError, OSError, Unavailable, UnusableDatabase) as error:
         raise click.ClickException(str(error)) from None
 
 

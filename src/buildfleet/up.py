@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -41,7 +42,15 @@ from typing import BinaryIO, TextIO
 
 import click
 
-from buildfleet.config import ConfigError, ServerConfig, load_config, parse_listen_address
+from buildfleet.auth.setup import SecureGrid, prepare
+from buildfleet.config import (
+    AuthConfig,
+    ConfigError,
+    ServerConfig,
+    TlsConfig,
+    load_config,
+    parse_listen_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +143,15 @@ class BazelHint:
     bots: int
     endpoint: str
     properties: list[tuple[str, str]] = field(default_factory=list)
+    secure: SecureGrid | None = None
 
     def flags(self) -> list[str]:
-        flags = [f"--remote_executor=grpc://{self.endpoint}"]
+        if self.secure is None:
+            flags = [f"--remote_executor=grpc://{self.endpoint}"]
+        else:
+            flags = [f"--remote_executor=grpcs://{self.endpoint}",
+                     f"--tls_certificate={self.secure.ca.resolve()}",
+                     f"--remote_header=authorization=Bearer {self.secure.client_token()}"]
         if self.instance:
             flags.append(f"--remote_instance_name={self.instance}")
         flags += [f"--remote_default_exec_properties={k}={v}" for k, v in self.properties]
@@ -147,7 +162,8 @@ class Grid:
     """The server (in this process) and its local bots (child processes)."""
 
     def __init__(self, config: ServerConfig, *, bots: int, instances: Sequence[str] = (),
-                 drain_timeout: float = 60.0, bot_log_level: str = "info") -> None:
+                 drain_timeout: float = 60.0, bot_log_level: str = "info",
+                 secure: SecureGrid | None = None) -> None:
         from buildfleet.server.app import BuildfleetServer
 
         if bots < 0:
@@ -163,6 +179,7 @@ class Grid:
                               "(scheduler.enabled: false)")
         self.bot_instances = list(dict.fromkeys(instances)) if instances else executing
         self.bots_per_instance = bots
+        self.secure = secure
         self.drain_timeout = drain_timeout
         self.bot_log_level = bot_log_level
         self.endpoint = ""
@@ -180,7 +197,7 @@ class Grid:
         except BaseException:
             await self.server.instances.close()
             raise
-        host, _ = parse_listen_address(self.config.listen[0])
+        host, _ = parse_listen_address(self.config.addresses()[0])
         self.endpoint = connect_address(f"{host}:{ports[0]}")
         bots_dir = self.config.data_dir / "bots"
         host_name = _slug(socket.gethostname() or "local")
@@ -198,8 +215,11 @@ class Grid:
                                                          name=f"bot {slot.bot_id}"))
 
     def _bot_command(self, slot: BotSlot) -> list[str]:
+        scheme = "grpc" if self.secure is None else "grpcs"
+        credentials = [] if self.secure is None else [
+            "--tls-ca", str(self.secure.ca), "--token-file", str(self.secure.bot_token_file)]
         bot = [sys.executable, "-m", "buildfleet", "bot",
-               "--server", f"grpc://{self.endpoint}",
+               "--server", f"{scheme}://{self.endpoint}", *credentials,
                "--instance", slot.instance,
                "--bot-id", slot.bot_id,
                "--work-dir", str(slot.work_dir),
@@ -281,25 +301,31 @@ class Grid:
 
         os_family = [(key, value) for key, value in machine_properties() if key == "OSFamily"]
         return [BazelHint(instance=name, bots=self.bots_per_instance, endpoint=self.endpoint,
-                          properties=os_family) for name in self.bot_instances]
+                          properties=os_family, secure=self.secure)
+                for name in self.bot_instances]
 
     def banner(self) -> str:
         """What `up` prints once the grid works: the endpoint and the Bazel flags."""
-        lines = [f"buildfleet is up: grpc://{self.endpoint}"]
+        scheme = "grpc" if self.secure is None else "grpcs"
+        lines = [f"buildfleet is up: {scheme}://{self.endpoint}"]
+        if self.secure is not None:
+            lines.append(f"credentials: {self.secure.root.resolve()} (the CA, the server's "
+                         "certificate, a token for bots and one for clients)")
         lines.append(f"data directory: {self.config.data_dir.resolve()} "
                      f"(bot logs: {self.config.data_dir.resolve() / 'bots'}/*/bot.log)")
         hints = self.hints()
         if not hints:
             lines += ["", "No instance executes actions (scheduler disabled everywhere); "
                       "use it as a remote cache:",
-                      f"  bazel build //... --remote_cache=grpc://{self.endpoint}"]
+                      f"  bazel build //... --remote_cache={scheme}://{self.endpoint}"]
         for hint in hints:
             label = f"instance {hint.instance!r}" if hint.instance else "the default instance"
+            flags = [shlex.quote(flag) for flag in hint.flags()]
             lines += ["", f"{label}: {hint.bots} local bot{'s' if hint.bots != 1 else ''}. "
                       "Build with Bazel:",
-                      "  bazel build //... " + " ".join(hint.flags()),
+                      "  bazel build //... " + " ".join(flags),
                       "or put in .bazelrc:"]
-            lines += [f"  build {flag}" for flag in hint.flags()]
+            lines += [f"  build {flag}" for flag in flags]
         lines += ["", "Ctrl-C stops the grid."]
         return "\n".join(lines)
 
@@ -352,10 +378,11 @@ class Grid:
 
 async def run_up(config: ServerConfig, *, bots: int, instances: Sequence[str] = (),
                  drain_timeout: float = 60.0, ready_timeout: float = READY_TIMEOUT,
-                 out: TextIO | None = None) -> int:
+                 out: TextIO | None = None, secure: SecureGrid | None = None) -> int:
     """Bring the grid up, print how to use it, run until SIGTERM/SIGINT; exit code."""
     stream = out if out is not None else sys.stdout
-    grid = Grid(config, bots=bots, instances=instances, drain_timeout=drain_timeout)
+    grid = Grid(config, bots=bots, instances=instances, drain_timeout=drain_timeout,
+                secure=secure)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, grid.request_stop, signum)
@@ -406,25 +433,43 @@ async def run_up(config: ServerConfig, *, bots: int, instances: Sequence[str] = 
                    "executes actions.")
 @click.option("--drain-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the bots' running actions get to finish when stopping.")
+@click.option("--secure", is_flag=True,
+              help="TLS and tokens: make (once, in DATA_DIR/secure) a private CA, a server "
+                   "certificate and tokens for the bots and for clients, and print the "
+                   "Bazel flags that use them.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(bots: int | None, listen: tuple[str, ...], data_dir: Path | None,
        config_file: Path | None, instances: tuple[str, ...], drain_timeout: float,
-       log_level: str) -> None:
+       secure: bool, log_level: str) -> None:
     """Start a whole grid: the server and local bots, until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
         config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir)
+        files = secured(config) if secure else None
+        if files is not None:
+            config = config.model_copy(update={
+                "tls": TlsConfig(cert=str(files.server_cert.resolve()),
+                                 key=str(files.server_key.resolve())),
+                "auth": AuthConfig(tokens_file=str(files.tokens_file.resolve()))})
     except (ConfigError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     count = bots if bots is not None else (os.cpu_count() or 1)
     try:
         code = asyncio.run(run_up(config, bots=count, instances=instances,
-                                  drain_timeout=drain_timeout))
-    except UpError as error:
-        raise click.ClickException(str(error)) from None
-    except OSError as error:
+                                  drain_timeout=drain_timeout, secure=files))
+    except (UpError, ConfigError, OSError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(code)
+
+
+def secured(config: ServerConfig) -> SecureGrid:
+    """The credentials of `up --secure` (made once in DATA_DIR/secure)."""
+    if config.tls is not None or config.auth.configured or any(
+            tls is not None for _, tls in config.listeners()):
+        raise ConfigError("--secure makes the grid's TLS and tokens itself: leave `tls` and "
+                          "`auth` out of the configuration (or drop --secure)")
+    host, _ = parse_listen_address(config.addresses()[0])
+    return prepare(Path(config.data_dir) / "secure", [host])

@@ -166,4 +166,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX grid_jobs_deadline ON grid_jobs (instance, deadline) WHERE stage = 3;
     DROP INDEX grid_jobs_action;
     """,
+    # version 6: the principal an operation or a bot session belongs to (with
+    # authentication configured), in both strategies' tables.
+    """
+    ALTER TABLE grid_operations ADD COLUMN owner text NOT NULL DEFAULT '';
+    ALTER TABLE grid_sessions ADD COLUMN owner text NOT NULL DEFAULT '';
+    ALTER TABLE operations ADD COLUMN owner text NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN owner text NOT NULL DEFAULT '';
+    """,
 ]

@@ -78,6 +78,7 @@ class Operation:
     worker: str = ""  # the bot running the action, or the one that ran it
     cancelled: bool = False
     attempts: int = 0  # leases of the job that ended without a final result
+    owner: str = ""  # the principal that submitted it ("": authentication is off)
 
     @property
     def done(self) -> bool:
@@ -109,6 +110,7 @@ class BotSession:
     version: int = 0
     worker: bytes = b""  # the Worker message as last sent, echoed back
     created_at: float = 0.0  # wall clock
+    owner: str = ""  # the principal that created it ("": authentication is off)
 
     @property
     def free_slots(self) -> int:

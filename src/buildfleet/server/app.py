@@ -12,8 +12,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from buildfleet.config import ServerConfig, parse_listen_address
+from buildfleet.auth.audit import Audit
+from buildfleet.auth.authenticator import Authenticator
+from buildfleet.auth.tls import RotatingCredentials
+from buildfleet.config import ConfigError, ServerConfig, parse_listen_address
 from buildfleet.server.actioncache.service import ActionCacheService
+from buildfleet.server.auth import AuthInterceptor
 from buildfleet.server.bots.service import BotsService
 from buildfleet.server.bytestream.service import ByteStreamService
 from buildfleet.server.capabilities.service import CapabilitiesService
@@ -66,9 +70,18 @@ class BuildfleetServer:
 
     async def start(self) -> list[int]:
         """Start storage, bind every listen address, serve.  Returns the bound ports."""
+        check_exposure(self.config)
+        credentials = [(address, None if tls is None else
+                        RotatingCredentials(tls, self.config.data_path,
+                                            f"tls of listener {address}").credentials())
+                       for address, tls in self.config.listeners()]
+        interceptors = []
+        if self.config.auth.configured:
+            interceptors.append(AuthInterceptor(
+                Authenticator(self.config.auth, self.config.data_path), Audit()))
         await self.instances.start()
         limit = self._message_limit()
-        server = grpc.aio.server(options=[
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
@@ -85,10 +98,11 @@ class BuildfleetServer:
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
-        for address in self.config.listen:
+        for address, tls in credentials:
             parse_listen_address(address)
             try:
-                port = server.add_insecure_port(address)
+                port = (server.add_insecure_port(address) if tls is None
+                        else server.add_secure_port(address, tls))
             except RuntimeError:
                 raise OSError(f"cannot listen on {address}: the address is already in use "
                               "or not available on this machine") from None
@@ -117,6 +131,26 @@ class BuildfleetServer:
             await self._server.wait_for_termination()
 
 
+LOOPBACK = ("127.", "localhost", "[::1]", "::1")
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """ConfigError for a server reachable from other machines with nobody's
+    credentials checked, unless `insecure` says so on purpose."""
+    if config.insecure or config.auth.configured:
+        return
+    exposed = [address for address, tls in config.listeners()
+               if not parse_listen_address(address)[0].startswith(LOOPBACK)
+               and (tls is None or tls.client_ca is None)]
+    if exposed:
+        raise ConfigError(
+            f"refusing to serve {', '.join(exposed)} without authentication: anyone who "
+            "can reach it could run commands on the bots and write the cache.  Configure "
+            "`auth` (tokens-file, jwt or certificates; see the README's Security section), "
+            "require client certificates (tls.client-ca), listen on 127.0.0.1, or pass "
+            "--insecure (`insecure: true`) to serve it unauthenticated anyway")
+
+
 def listen_lines(addresses: Sequence[str], ports: Sequence[int]) -> list[str]:
     """The actual HOST:PORT of each listen address (port 0 resolved)."""
     return [f"{parse_listen_address(a)[0]}:{p}" for a, p in zip(addresses, ports, strict=True)]
@@ -126,7 +160,7 @@ async def serve(config: ServerConfig) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     server = BuildfleetServer(config)
     await server.start()
-    for line in listen_lines(config.listen, server.ports):
+    for line in listen_lines(config.addresses(), server.ports):
         log.info("listening on %s", line)
     log.info("instances: %s; data directory: %s",
              ", ".join(repr(i.name) for i in server.instances), config.data_dir)

@@ -60,14 +60,24 @@ def _bytes(value: str, option: str) -> int:
 @click.option("--reconnect-max-delay", default=10.0, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Cap of the reconnection backoff, in seconds.")
+@click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
+              help="PEM certificates to verify the server (and the CAS) by; implies TLS.")
+@click.option("--client-cert", type=click.Path(path_type=Path), default=None,
+              help="PEM certificate chain for mutual TLS (with --client-key).")
+@click.option("--client-key", type=click.Path(path_type=Path), default=None,
+              help="PEM private key of --client-cert.")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="A file holding a bearer token for every call; re-read when it changes.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         properties: tuple[str, ...], concurrency: int, work_dir: Path, cache_dir: Path | None,
         cache_size: str, drain_timeout: float, default_timeout: float, poll_timeout: float,
         min_free_space: str, health_interval: float, allow_outside_symlinks: bool,
-        reconnect_max_delay: float, log_level: str) -> None:
+        reconnect_max_delay: float, tls_ca: Path | None, client_cert: Path | None,
+        client_key: Path | None, token_file: Path | None, log_level: str) -> None:
     """Run a bot: take leases from the server, run them, report the results."""
+    from buildfleet.client.credentials import ClientCredentials
     from buildfleet.worker.config import (
         BotConfig,
         default_bot_id,
@@ -85,6 +95,9 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         if cas:
             parse_server(cas)
         pairs = parse_properties(properties)
+        credentials = ClientCredentials(tls_ca=tls_ca, client_cert=client_cert,
+                                        client_key=client_key, token_file=token_file)
+        credentials.check()
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     config = BotConfig(
@@ -94,7 +107,7 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         drain_timeout=drain_timeout, default_timeout=default_timeout,
         poll_timeout=poll_timeout, min_free_space=_bytes(min_free_space, "--min-free-space"),
         health_interval=health_interval, allow_outside_symlinks=allow_outside_symlinks,
-        reconnect_max_delay=reconnect_max_delay)
+        reconnect_max_delay=reconnect_max_delay, credentials=credentials)
     try:
         code = asyncio.run(run_bot(config))
     except BotError as error:

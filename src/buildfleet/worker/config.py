@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from buildfleet.client.credentials import ClientCredentials
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -67,9 +69,12 @@ def parse_server(url: str) -> tuple[str, bool]:
     return url, False
 
 
-def open_channel(url: str) -> grpc.aio.Channel:
-    """A grpc.aio channel to `url` that reconnects quickly once the server is back."""
+def open_channel(url: str, credentials: ClientCredentials | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to `url` that reconnects quickly once the server is back; TLS
+    for grpcs:// (or when a CA or client certificate is given), a bearer token on
+    every call when a token file is given."""
     target, secure = parse_server(url)
+    credentials = credentials or ClientCredentials()
     options = [
         ("grpc.max_receive_message_length", 64 * MiB),
         ("grpc.max_send_message_length", 64 * MiB),
@@ -77,9 +82,11 @@ def open_channel(url: str) -> grpc.aio.Channel:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
-    if secure:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+    interceptors = credentials.interceptors()
+    if secure or credentials.tls:
+        return grpc.aio.secure_channel(target, credentials.channel_credentials(),
+                                       options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 @dataclass
@@ -103,6 +110,7 @@ class BotConfig:
     allow_outside_symlinks: bool = False
     reconnect_max_delay: float = 10.0  # cap of the reconnection backoff, seconds
     final_update_timeout: float = 10.0  # how long a stopping bot tries to deliver results
+    credentials: ClientCredentials = field(default_factory=ClientCredentials)
 
     @property
     def actions_dir(self) -> Path:

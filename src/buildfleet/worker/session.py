@@ -181,11 +181,11 @@ class Bot:
         config = self.config
         self._prepare()
         self._main = asyncio.current_task()  # type: ignore[assignment]
-        server_channel = open_channel(config.server)
+        server_channel = open_channel(config.server, config.credentials)
         self._channels.append(server_channel)
         cas_channel = server_channel
         if config.cas and config.cas != config.server:
-            cas_channel = open_channel(config.cas)
+            cas_channel = open_channel(config.cas, config.credentials)
             self._channels.append(cas_channel)
         self._bots = bots_pb2_grpc.BotsStub(server_channel)
         cas = CasClient(cas_channel, config.instance)

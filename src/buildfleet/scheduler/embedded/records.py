@@ -69,6 +69,7 @@ class OperationRecord:
     cancelled: bool = False
     deleted: bool = False
     own_response: bytes | None = None  # its end when it differs from the job's (cancelled)
+    owner: str = ""
 
     @property
     def done(self) -> bool:
@@ -87,7 +88,7 @@ class OperationRecord:
             response=self.response if done else None, queued_at=job.queued_at,
             created_at=self.created_at,
             worker=job.lease.session.bot_id if job.lease is not None else job.worker,
-            cancelled=self.cancelled, attempts=job.attempts)
+            cancelled=self.cancelled, attempts=job.attempts, owner=self.owner)
 
 
 @dataclass(eq=False, slots=True)
@@ -120,6 +121,7 @@ class SessionRecord:
     last_seen: float  # monotonic: end of its last call
     version: int = 0
     worker: bytes = b""
+    owner: str = ""
     closed: bool = False
     open_calls: int = 0  # its calls being served now
     polls: int = 0  # those of them long-polling
@@ -136,4 +138,4 @@ class SessionRecord:
         return BotSession(name=self.name, instance=self.instance, bot_id=self.bot_id,
                           status=self.status, properties=self.properties,
                           capacity=self.capacity, held=len(self.leases), version=self.version,
-                          worker=self.worker, created_at=self.created_at)
+                          worker=self.worker, created_at=self.created_at, owner=self.owner)

@@ -39,7 +39,7 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
             name=row["name"], instance=state.instance, bot_id=row["bot_id"],
             status=BotStatus(row["status"]), properties=_properties(row["properties"]),
             capacity=row["capacity"], created_at=row["created_at"], last_seen=moment,
-            version=row["version"], worker=row["worker"])
+            version=row["version"], worker=row["worker"], owner=row.get("owner") or "")
         state.sessions[session.name] = session
         state.by_bot_id[session.bot_id] = session
     max_seq = -1
@@ -73,7 +73,8 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
         operation = OperationRecord(name=row["name"], instance=state.instance, job=target,
                                     created_at=row["created_at"],
                                     cancelled=bool(row["cancelled"]),
-                                    own_response=row["own_response"])
+                                    own_response=row["own_response"],
+                                    owner=row.get("owner") or "")
         state.operations[operation.name] = operation
         if not operation.cancelled:
             target.operations.add(operation.name)

@@ -45,9 +45,10 @@ from buildfleet.scheduler.model import (
 from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.results import LeasedJob, settle
-from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
+from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
 from buildfleet.scheduler.rules.matching import takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.storage.action_cache import ActionCache
 
 log = logging.getLogger(__name__)
@@ -96,37 +97,40 @@ class EmbeddedScheduler:
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
-                     skip_cache_lookup: bool = False) -> Operation:
+                     skip_cache_lookup: bool = False, owner: str = "") -> Operation:
         """Queue an action (or join an identical one); a new operation for it."""
         record = self.state.submit(
             action_digest, action.SerializeToString(deterministic=True), requirements,
             priority=priority, timeout=self.check_timeout(action),
-            cacheable=not action.do_not_cache, skip_cache_lookup=skip_cache_lookup)
+            cacheable=not action.do_not_cache, skip_cache_lookup=skip_cache_lookup,
+            owner=owner)
         await self.store.flush()
         return record.view()
 
-    async def record_cache_hit(self, action_digest: Digest,
-                               result: re_pb2.ActionResult) -> Operation:
+    async def record_cache_hit(self, action_digest: Digest, result: re_pb2.ActionResult,
+                               owner: str = "") -> Operation:
         """A completed operation answering from the action cache."""
-        record = self.state.cache_hit(action_digest, outcomes.cache_hit(result))
+        record = self.state.cache_hit(action_digest, outcomes.cache_hit(result), owner)
         await self.store.flush()
         return record.view()
 
-    def _operation(self, name: str) -> OperationRecord:
+    def _operation(self, name: str, caller: Caller | None = None) -> OperationRecord:
         record = self.state.operation(name)
         if record is None:
-            raise NotFound(f"operation {name!r} does not exist (or has expired)")
+            raise ownership.no_such_operation(name)
+        ownership.check_operation(name, record.owner, caller)
         return record
 
-    async def get_operation(self, name: str) -> Operation:
-        record = self._operation(name)
+    async def get_operation(self, name: str, caller: Caller | None = None) -> Operation:
+        record = self._operation(name, caller)
         await self._durable(record)
         return record.view()
 
-    async def list_operations(self) -> list[Operation]:
-        """Every operation of the instance."""
+    async def list_operations(self, caller: Caller | None = None) -> list[Operation]:
+        """Every operation of the instance that `caller` may see."""
         await self.store.flush()
-        return [record.view() for record in self.state.operations.values()]
+        return [record.view() for record in self.state.operations.values()
+                if ownership.sees(record.owner, caller)]
 
     async def _durable(self, record: OperationRecord) -> None:
         """Wait until the end of a done operation (its result, its cancellation) is stored."""
@@ -167,14 +171,14 @@ class EmbeddedScheduler:
         finally:
             self._jobs.release(job.id)
 
-    async def cancel_operation(self, name: str) -> None:
+    async def cancel_operation(self, name: str, caller: Caller | None = None) -> None:
         """Cancel one operation; the job stops when no operation still wants it."""
-        self.state.cancel_operation(self._operation(name))
+        self.state.cancel_operation(self._operation(name, caller))
         await self.store.flush()
 
-    async def delete_operation(self, name: str) -> None:
+    async def delete_operation(self, name: str, caller: Caller | None = None) -> None:
         """Forget an operation (the action itself keeps running for other waiters)."""
-        self.state.delete_operation(self._operation(name))
+        self.state.delete_operation(self._operation(name, caller))
         await self.store.flush()
 
     async def queue_length(self) -> int:
@@ -182,10 +186,15 @@ class EmbeddedScheduler:
 
     # ------------------------------------------------------------------- bots
     async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
-                             capacity: int, worker: bytes = b"") -> BotSession:
-        """Register a bot; an older session of the same bot_id is closed."""
+                             capacity: int, worker: bytes = b"", owner: str = "",
+                             caller: Caller | None = None) -> BotSession:
+        """Register a bot; an older session of the same bot_id is closed (only by the
+        principal that owns it, or an admin)."""
+        old = self.state.by_bot_id.get(bot_id)
+        if old is not None:
+            ownership.check_session(old.name, old.owner, caller)
         session = self.state.open_session(bot_id, status=status, properties=properties,
-                                          capacity=capacity, worker=worker)
+                                          capacity=capacity, worker=worker, owner=owner)
         await self.store.flush()
         log.info("bot %s registered as %s (capacity %d)", bot_id, session.name, capacity)
         return session.view()
@@ -199,13 +208,15 @@ class EmbeddedScheduler:
     async def update_session(self, name: str, *, bot_id: str, status: BotStatus,
                              leases: list[ReportedLease], properties: Properties | None = None,
                              capacity: int | None = None, worker: bytes | None = None,
-                             wait: float = 0.0) -> tuple[BotSession, list[Lease]]:
+                             wait: float = 0.0, caller: Caller | None = None
+                             ) -> tuple[BotSession, list[Lease]]:
         """Apply a bot's report, hand it work, and long-poll up to `wait` seconds.
 
         Returns the session and the leases to send back: every lease the bot
         holds (new ones included) plus leases cancelled since its last call.
         """
         session = self.state.live_session(name)
+        ownership.check_session(name, session.owner, caller)
         reports.check_owner(name, session.bot_id, bot_id)
         reports.check_reports(leases, session.leases)
         session.open_calls += 1
@@ -293,9 +304,11 @@ class EmbeddedScheduler:
                 state.waiting.pop(session.name, None)
             self._sessions.release(session.name)
 
-    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
+    async def post_event(self, name: str, event_type: str, message: str,
+                         caller: Caller | None = None) -> BotEvent:
         """Record a bot's event on its session."""
         session = self.state.live_session(name)
+        ownership.check_session(name, session.owner, caller)
         event = BotEvent(time=self.state.wall(), type=event_type, message=message)
         session.events.append(event)
         level = logging.ERROR if event_type == "ERROR" else logging.INFO

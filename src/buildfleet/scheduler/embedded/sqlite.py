@@ -37,6 +37,11 @@ _SCHEMA = [
     );
     CREATE INDEX sessions_instance ON sessions (instance);
     """,
+    # version 2: the principal an operation or a bot session belongs to
+    """
+    ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 

@@ -85,8 +85,8 @@ class EmbeddedState:
 
     # ----------------------------------------------------------------- submissions
     def submit(self, action_digest: Digest, action: bytes, requirements: Properties, *,
-               priority: int, timeout: float, cacheable: bool,
-               skip_cache_lookup: bool) -> OperationRecord:
+               priority: int, timeout: float, cacheable: bool, skip_cache_lookup: bool,
+               owner: str = "") -> OperationRecord:
         job = self._joinable(action_digest, skip_cache_lookup) if cacheable else None
         if job is None:
             submissions.check_room(self.instance, len(self.queue), self.settings.max_queued)
@@ -107,7 +107,7 @@ class EmbeddedState:
                 job.priority = raised
                 self.queue.reprioritize(job)
                 self.store.save_job(job)
-        return self.new_operation(job)
+        return self.new_operation(job, owner)
 
     def _joinable(self, action_digest: Digest, skip_cache_lookup: bool) -> JobRecord | None:
         job = self.in_flight.get(action_digest)
@@ -119,7 +119,8 @@ class EmbeddedState:
             return job
         return None
 
-    def cache_hit(self, action_digest: Digest, response: bytes) -> OperationRecord:
+    def cache_hit(self, action_digest: Digest, response: bytes, owner: str = ""
+                  ) -> OperationRecord:
         """A done operation answered from the action cache."""
         now = self.wall()
         job = JobRecord(id=self.new_id(), instance=self.instance, action_digest=action_digest,
@@ -128,12 +129,12 @@ class EmbeddedState:
                         stage=Stage.COMPLETED, response=response, completed_at=now)
         self.jobs[job.id] = job
         self.store.save_job(job)
-        return self.new_operation(job)
+        return self.new_operation(job, owner)
 
-    def new_operation(self, job: JobRecord) -> OperationRecord:
+    def new_operation(self, job: JobRecord, owner: str = "") -> OperationRecord:
         name = qualified(self.instance, f"operations/{self.new_id()}")
         operation = OperationRecord(name=name, instance=self.instance, job=job,
-                                    created_at=self.wall())
+                                    created_at=self.wall(), owner=owner)
         self.operations[name] = operation
         job.operations.add(name)
         self.store.save_operation(operation)
@@ -329,7 +330,7 @@ class EmbeddedState:
 
     # ----------------------------------------------------------------- sessions
     def open_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
-                     capacity: int, worker: bytes) -> SessionRecord:
+                     capacity: int, worker: bytes, owner: str = "") -> SessionRecord:
         """Register a bot; an older session of the same bot_id is closed."""
         old = self.by_bot_id.get(bot_id)
         if old is not None:
@@ -338,7 +339,7 @@ class EmbeddedState:
             name=qualified(self.instance, self.new_id()), instance=self.instance,
             bot_id=bot_id, status=reports.status_after(BotStatus.OK, status),
             properties=properties, capacity=capacity, created_at=self.wall(),
-            last_seen=self.clock(), worker=worker)
+            last_seen=self.clock(), worker=worker, owner=owner)
         self.sessions[session.name] = session
         self.by_bot_id[bot_id] = session
         self.store.save_session(session)

@@ -84,7 +84,7 @@ def operation_row(operation: OperationRecord) -> Row:
     return {
         "name": operation.name, "instance": operation.instance, "job_id": operation.job.id,
         "created_at": operation.created_at, "cancelled": int(operation.cancelled),
-        "own_response": operation.own_response,
+        "own_response": operation.own_response, "owner": operation.owner,
     }
 
 
@@ -93,7 +93,7 @@ def session_row(session: SessionRecord) -> Row:
         "name": session.name, "instance": session.instance, "bot_id": session.bot_id,
         "status": int(session.status), "properties": properties_json(session.properties),
         "capacity": session.capacity, "created_at": session.created_at,
-        "version": session.version, "worker": session.worker,
+        "version": session.version, "worker": session.worker, "owner": session.owner,
     }
 
 

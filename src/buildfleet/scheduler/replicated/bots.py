@@ -50,9 +50,10 @@ from buildfleet.scheduler.replicated.sql import (
 )
 from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.results import LeasedJob
-from buildfleet.scheduler.rules import reports
+from buildfleet.scheduler.rules import ownership, reports
 from buildfleet.scheduler.rules.matching import Fairness, takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.ownership import Caller
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Report:
     properties: Properties | None
     capacity: int | None
     worker: bytes | None
+    caller: Caller | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ async def step(tx: Tx, name: str, report: Report | None,
     worker = bytes(row["worker"])
     changed = False
     if report is not None:
+        ownership.check_session(name, row["owner"], report.caller)
         reports.check_owner(name, row["bot_id"], report.bot_id)
         views = {lease_id: Held(LeaseState(r["lease_state"]), r["lease_delivered"])
                  for lease_id, r in held.items()}
@@ -136,7 +139,8 @@ async def step(tx: Tx, name: str, report: Report | None,
     def session(version: int, holding: int) -> BotSession:
         return BotSession(name=name, instance=tx.instance, bot_id=row["bot_id"], status=status,
                           properties=properties, capacity=capacity, held=holding,
-                          version=version, worker=worker, created_at=row["created_at"])
+                          version=version, worker=worker, created_at=row["created_at"],
+                          owner=row["owner"])
 
     if status == BotStatus.BOT_TERMINATING and not held:
         await jobs.close_session(tx, row, "the bot terminated", count_attempt=False)

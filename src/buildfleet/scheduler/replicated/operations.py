@@ -14,12 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from buildfleet.digest import Digest
-from buildfleet.errors import NotFound
 from buildfleet.scheduler.model import Operation, Stage
 from buildfleet.scheduler.replicated import jobs
 from buildfleet.scheduler.replicated.sql import COMPLETED, JOB_COLUMNS, NOW, QUEUED, Row
 from buildfleet.scheduler.replicated.transactions import Retry, Tx
-from buildfleet.scheduler.rules import outcomes, submissions, timers
+from buildfleet.scheduler.rules import outcomes, ownership, submissions, timers
+from buildfleet.scheduler.rules.ownership import Caller
 
 _INSERT_JOB = f"""
     INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
@@ -33,8 +33,8 @@ _INSERT_CACHEABLE = _INSERT_JOB + f"""
     DO NOTHING"""
 _WITH_OPERATION = f""",
     operation AS (
-        INSERT INTO grid_operations (name, instance, job_id, created_at)
-        SELECT %(operation)s, %(instance)s, id, {NOW} FROM inserted),
+        INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
+        SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s FROM inserted),
     announced AS (
         SELECT pg_notify(%(channel)s, %(payload)s) FROM inserted)
     SELECT (SELECT id FROM inserted), (SELECT count(*) FROM announced)"""
@@ -44,8 +44,8 @@ SUBMIT_AT_ONCE = {
     cacheable: f"WITH inserted AS ({insert} RETURNING id)" + _WITH_OPERATION
     for cacheable, insert in ((True, _INSERT_CACHEABLE), (False, _INSERT_JOB))}
 _INSERT_OPERATION = f"""
-    INSERT INTO grid_operations (name, instance, job_id, created_at)
-    VALUES (%s, %s, %s, {NOW})"""
+    INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
+    VALUES (%s, %s, %s, {NOW}, %s)"""
 CACHE_HIT = f"""
     WITH job AS (
         INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
@@ -54,18 +54,18 @@ CACHE_HIT = f"""
         VALUES (%(id)s, %(instance)s, %(hash)s, %(size)s, ''::bytea, '{{}}'::jsonb, 0, true,
                 0, {NOW}, {COMPLETED}, %(response)s, {NOW})
         RETURNING id)
-    INSERT INTO grid_operations (name, instance, job_id, created_at)
-    SELECT %(operation)s, %(instance)s, id, {NOW} FROM job"""
+    INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
+    SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s FROM job"""
 
 
-def joined_view(name: str, row: Row, *, created_at: float) -> Operation:
-    """A new operation `name` on the existing job `row`."""
+def joined_view(name: str, row: Row, *, created_at: float, owner: str) -> Operation:
+    """A new operation `name` (of `owner`) on the existing job `row`."""
     done = row["stage"] == COMPLETED
     return Operation(
         name=name, instance=row["instance"], job_id=row["id"],
         action_digest=Digest(row["action_hash"], row["action_size"]), stage=Stage(row["stage"]),
         response=bytes(row["response"]) if done else None, queued_at=row["queued_at"],
-        created_at=created_at, worker=row["worker"], attempts=row["attempts"])
+        created_at=created_at, worker=row["worker"], attempts=row["attempts"], owner=owner)
 
 
 async def join(tx: Tx, digest: Digest, priority: int, skip_cache_lookup: bool) -> Row | None:
@@ -102,27 +102,28 @@ async def submit(tx: Tx, job: dict[str, Any], *, name: str, skip_cache_lookup: b
     if job["cacheable"]:
         joined = await join(tx, digest, job["priority"], skip_cache_lookup)
         if joined is not None:
-            await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"]))
+            await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"], job["owner"]))
             return joined
     submissions.check_room(tx.instance, queued, tx.settings.max_queued)
     inserted = await tx.value((_INSERT_CACHEABLE if job["cacheable"] else _INSERT_JOB)
                               + " RETURNING id", job)
     if inserted is None:
         raise Retry("the identical action was queued meanwhile")
-    await tx.execute(_INSERT_OPERATION, (name, tx.instance, job["id"]))
+    await tx.execute(_INSERT_OPERATION, (name, tx.instance, job["id"], job["owner"]))
     tx.effects.work.add(job["requirements"])
     tx.effects.queued += 1
     return None
 
 
-async def cancel(tx: Tx, name: str) -> None:
+async def cancel(tx: Tx, name: str, caller: Caller | None) -> None:
     """Cancel one operation; its job stops when no operation still wants it."""
     row = await tx.row(
-        f"""SELECT o.own_response AS op_own_response, {JOB_COLUMNS}
+        f"""SELECT o.own_response AS op_own_response, o.owner AS op_owner, {JOB_COLUMNS}
             FROM grid_operations o JOIN grid_jobs j ON j.id = o.job_id
             WHERE o.name = %s AND o.instance = %s FOR UPDATE""", (name, tx.instance))
     if row is None:
-        raise NotFound(f"operation {name!r} does not exist (or has expired)")
+        raise ownership.no_such_operation(name)
+    ownership.check_operation(name, row["op_owner"], caller)
     if row["op_own_response"] is not None or row["stage"] == COMPLETED:
         return
     await tx.execute(
@@ -136,13 +137,15 @@ async def cancel(tx: Tx, name: str) -> None:
         await jobs.complete(tx, row, outcomes.job_cancelled(), cancel_lease=True)
 
 
-async def delete(tx: Tx, name: str) -> None:
+async def delete(tx: Tx, name: str, caller: Caller | None) -> None:
     """Forget an operation (the action itself keeps running for other waiters)."""
-    job_id = await tx.value(
-        "DELETE FROM grid_operations WHERE name = %s AND instance = %s RETURNING job_id",
-        (name, tx.instance))
-    if job_id is None:
-        raise NotFound(f"operation {name!r} does not exist (or has expired)")
+    row = await tx.row(
+        "DELETE FROM grid_operations WHERE name = %s AND instance = %s "
+        "RETURNING job_id, owner", (name, tx.instance))
+    if row is None:
+        raise ownership.no_such_operation(name)
+    ownership.check_operation(name, row["owner"], caller)  # rolled back when refused
+    job_id = row["job_id"]
     tx.effects.job(job_id)
     await tx.execute(
         f"DELETE FROM grid_jobs WHERE id = %s AND stage = {COMPLETED} AND NOT EXISTS "

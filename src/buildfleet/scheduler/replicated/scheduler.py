@@ -60,9 +60,10 @@ from buildfleet.scheduler.replicated.sql import (
     session_view,
 )
 from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
-from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
+from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
 from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.scheduler.rules.timers import MAX_EVENTS
 from buildfleet.storage.action_cache import ActionCache
 
@@ -214,7 +215,7 @@ class ReplicatedScheduler:
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
-                     skip_cache_lookup: bool = False) -> Operation:
+                     skip_cache_lookup: bool = False, owner: str = "") -> Operation:
         """Queue an action (or join an identical one); a new operation for it.
 
         The operation returned is what this call knows (a new job is QUEUED);
@@ -228,11 +229,11 @@ class ReplicatedScheduler:
             "action": action.SerializeToString(deterministic=True),
             "requirements": requirements_json, "priority": priority,
             "cacheable": not action.do_not_cache, "timeout": timeout,
-            "run_limit": timers.run_limit(timeout, self.settings)}
+            "run_limit": timers.run_limit(timeout, self.settings), "owner": owner}
         now = time.time()
         queued = Operation(name=name, instance=self.instance, job_id=job["id"],
                            action_digest=action_digest, stage=Stage.QUEUED, response=None,
-                           queued_at=now, created_at=now)
+                           queued_at=now, created_at=now, owner=owner)
         if self._queued < self.settings.max_queued:
             # Listening for the job's changes before it exists: none can be missed.
             waiter = self._watchers.subscribe(job["id"]).waiter()
@@ -249,7 +250,7 @@ class ReplicatedScheduler:
             tx, job, name=name, skip_cache_lookup=skip_cache_lookup, queued=self._queued))
         if joined is None:
             return queued
-        return operations.joined_view(name, joined, created_at=now)
+        return operations.joined_view(name, joined, created_at=now, owner=owner)
 
     async def _submit_at_once(self, job: dict[str, Any], name: str,
                               requirements_json: str) -> bool:
@@ -270,24 +271,26 @@ class ReplicatedScheduler:
         self._queued += 1
         return True
 
-    async def record_cache_hit(self, action_digest: Digest,
-                               result: re_pb2.ActionResult) -> Operation:
+    async def record_cache_hit(self, action_digest: Digest, result: re_pb2.ActionResult,
+                               owner: str = "") -> Operation:
         response = outcomes.cache_hit(result)
         name = qualified(self.instance, f"operations/{self.new_id()}")
         job_id = self.new_id()
         async with self.db.connection() as conn:
             await conn.execute(operations.CACHE_HIT, {
                 "id": job_id, "instance": self.instance, "hash": action_digest.hash,
-                "size": action_digest.size_bytes, "response": response, "operation": name})
+                "size": action_digest.size_bytes, "response": response, "operation": name,
+                "owner": owner})
         now = time.time()
         return Operation(name=name, instance=self.instance, job_id=job_id,
                          action_digest=action_digest, stage=Stage.COMPLETED, response=response,
-                         queued_at=now, created_at=now)
+                         queued_at=now, created_at=now, owner=owner)
 
-    async def get_operation(self, name: str) -> Operation:
+    async def get_operation(self, name: str, caller: Caller | None = None) -> Operation:
         operation = await self._load_operation(name)
         if operation is None:
-            raise NotFound(f"operation {name!r} does not exist (or has expired)")
+            raise ownership.no_such_operation(name)
+        ownership.check_operation(name, operation.owner, caller)
         return operation
 
     async def _load_operation(self, name: str) -> Operation | None:
@@ -297,11 +300,13 @@ class ReplicatedScheduler:
                 (name, self.instance))
         return None if row is None else operation_view(row)
 
-    async def list_operations(self) -> list[Operation]:
-        """Every operation of the instance, grid-wide."""
+    async def list_operations(self, caller: Caller | None = None) -> list[Operation]:
+        """Every operation of the instance, grid-wide, that `caller` may see."""
+        everyone = caller is None or caller.admin
         async with self.db.connection() as conn:
             rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
-                f"{OPERATION_QUERY} WHERE o.instance = %s", (self.instance,))
+                f"{OPERATION_QUERY} WHERE o.instance = %s AND (%s OR o.owner = %s)",
+                (self.instance, everyone, "" if caller is None else caller.name))
         return [operation_view(row) for row in rows]
 
     async def watch(self, operation: Operation) -> AsyncIterator[operations_pb2.Operation]:
@@ -352,11 +357,11 @@ class ReplicatedScheduler:
         finally:
             self._unwatch(job_id)
 
-    async def cancel_operation(self, name: str) -> None:
-        await self._transaction(lambda tx: operations.cancel(tx, name))
+    async def cancel_operation(self, name: str, caller: Caller | None = None) -> None:
+        await self._transaction(lambda tx: operations.cancel(tx, name, caller))
 
-    async def delete_operation(self, name: str) -> None:
-        await self._transaction(lambda tx: operations.delete(tx, name))
+    async def delete_operation(self, name: str, caller: Caller | None = None) -> None:
+        await self._transaction(lambda tx: operations.delete(tx, name, caller))
 
     async def queue_length(self) -> int:
         async with self.db.connection() as conn:
@@ -368,7 +373,8 @@ class ReplicatedScheduler:
 
     # ------------------------------------------------------------------- bots
     async def create_session(self, bot_id: str, *, status: BotStatus, properties: Properties,
-                             capacity: int, worker: bytes = b"") -> BotSession:
+                             capacity: int, worker: bytes = b"", owner: str = "",
+                             caller: Caller | None = None) -> BotSession:
         name = qualified(self.instance, self.new_id())
         status = reports.status_after(BotStatus.OK, status)
 
@@ -377,15 +383,16 @@ class ReplicatedScheduler:
                 "SELECT * FROM grid_sessions WHERE instance = %s AND bot_id = %s FOR UPDATE",
                 (self.instance, bot_id))
             if old is not None:
+                ownership.check_session(old["name"], old["owner"], caller)
                 await jobs.close_session(tx, old, f"bot {bot_id!r} opened a new session",
                                          count_attempt=True)
             row = await tx.row(
                 f"""INSERT INTO grid_sessions (name, instance, bot_id, status, properties,
-                        capacity, created_at, last_seen, worker)
-                    VALUES (%s, %s, %s, %s, %s::jsonb, %s, {NOW}, {NOW}, %s)
+                        capacity, created_at, last_seen, worker, owner)
+                    VALUES (%s, %s, %s, %s, %s::jsonb, %s, {NOW}, {NOW}, %s, %s)
                     ON CONFLICT (instance, bot_id) DO NOTHING RETURNING *""",
                 (name, self.instance, bot_id, int(status), properties_json(properties),
-                 capacity, worker))
+                 capacity, worker, owner))
             if row is None:
                 raise Retry(f"bot {bot_id!r} registered twice at once")
             return session_view(row, 0)
@@ -409,7 +416,8 @@ class ReplicatedScheduler:
     async def update_session(self, name: str, *, bot_id: str, status: BotStatus,
                              leases: list[ReportedLease], properties: Properties | None = None,
                              capacity: int | None = None, worker: bytes | None = None,
-                             wait: float = 0.0) -> tuple[BotSession, list[Lease]]:
+                             wait: float = 0.0, caller: Caller | None = None
+                             ) -> tuple[BotSession, list[Lease]]:
         """Apply a bot's report, hand it work, and long-poll up to `wait` seconds."""
         reports.check_reports(leases)
         self._open_calls[name] += 1
@@ -419,9 +427,10 @@ class ReplicatedScheduler:
         waiting = _Waiting(event=asyncio.Event(), properties=None)
         self._waiting[name] = waiting
         try:
-            settled = await self._settler.settle(name, bot_id, status, leases)
+            settled = await self._settler.settle(name, bot_id, status, leases, caller)
             report = bots.Report(bot_id=bot_id, status=status, leases=leases,
-                                 properties=properties, capacity=capacity, worker=worker)
+                                 properties=properties, capacity=capacity, worker=worker,
+                                 caller=caller)
             outcome = await self._step(name, report, settled, may_wait=wait > 0)
             if outcome.answer is None:
                 loop = asyncio.get_running_loop()
@@ -463,18 +472,22 @@ class ReplicatedScheduler:
         self._live.pop(session.name, None)
         self._live[session.name] = session
 
-    async def post_event(self, name: str, event_type: str, message: str) -> BotEvent:
+    async def post_event(self, name: str, event_type: str, message: str,
+                         caller: Caller | None = None) -> BotEvent:
         """Record a bot's event on its session."""
         event = BotEvent(time=time.time(), type=event_type, message=message)
 
         async def body(tx: Tx) -> str:
-            bot = await tx.value(
-                "INSERT INTO grid_bot_events (session, bot_id, time, type, message) "
-                "SELECT name, bot_id, %s, %s, %s FROM grid_sessions "
-                "WHERE name = %s AND instance = %s RETURNING bot_id",
-                (event.time, event_type, message, name, self.instance))
-            if bot is None:
+            session = await tx.row(
+                "SELECT bot_id, owner FROM grid_sessions WHERE name = %s AND instance = %s",
+                (name, self.instance))
+            if session is None:
                 raise reports.reregister(name, await jobs.closed_reason(tx, name))
+            ownership.check_session(name, session["owner"], caller)
+            bot = session["bot_id"]
+            await tx.execute(
+                "INSERT INTO grid_bot_events (session, bot_id, time, type, message) "
+                "VALUES (%s, %s, %s, %s, %s)", (name, bot, event.time, event_type, message))
             await tx.execute(
                 """DELETE FROM grid_bot_events WHERE session = %s AND id <= (
                        SELECT id FROM grid_bot_events WHERE session = %s

@@ -20,8 +20,9 @@ from buildfleet.scheduler.replicated import bots
 from buildfleet.scheduler.replicated.sql import EXECUTING, LIVE_LEASE, digest_of, row_lease_id
 from buildfleet.scheduler.replicated.transactions import Effects, Tx
 from buildfleet.scheduler.results import LeasedJob, settle
-from buildfleet.scheduler.rules import reports
+from buildfleet.scheduler.rules import ownership, reports
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.storage.action_cache import ActionCache
 
 MEMORY = 100_000  # answered leases remembered
@@ -36,19 +37,20 @@ class Settler:
         self.instance = instance
         self.settings = settings
         self.action_cache = action_cache
-        # lease id -> (session, its bot, the job's facts), least recently answered first.
-        self._delivered: OrderedDict[str, tuple[str, str, LeasedJob]] = OrderedDict()
+        # lease id -> (session, its bot, its owner, the job's facts), least recently
+        # answered first.
+        self._delivered: OrderedDict[str, tuple[str, str, str, LeasedJob]] = OrderedDict()
         self._by_session: dict[str, set[str]] = {}  # session -> its remembered leases
 
     def remember(self, outcome: bots.Outcome) -> None:
         """The leases just answered to a session are what it holds now."""
-        name, bot_id = outcome.session.name, outcome.session.bot_id
-        self.forget(name)
+        session = outcome.session
+        self.forget(session.name)
         if outcome.closed or not outcome.leased:
             return
-        self._by_session[name] = set(outcome.leased)
+        self._by_session[session.name] = set(outcome.leased)
         for lease_id, job in outcome.leased.items():
-            self._delivered[lease_id] = (name, bot_id, job)
+            self._delivered[lease_id] = (session.name, session.bot_id, session.owner, job)
             self._delivered.move_to_end(lease_id)
         while len(self._delivered) > MEMORY:
             self._drop(next(iter(self._delivered)))
@@ -65,7 +67,8 @@ class Settler:
                 leases.discard(lease_id)
 
     async def settle(self, name: str, bot_id: str, status: BotStatus,
-                     leases: list[ReportedLease]) -> dict[str, Completion | Requeue]:
+                     leases: list[ReportedLease], caller: Caller | None = None
+                     ) -> dict[str, Completion | Requeue]:
         """The outcomes of the held leases reported COMPLETED, their blobs stored, before
         the update's transaction (see buildfleet.scheduler.results).  The leases this
         replica answered are known; others are read, without locks."""
@@ -77,39 +80,40 @@ class Settler:
             held = await self._read_held(name, status)
             if held is None:
                 return {}  # the update's transaction says why the session is unknown
-        owner, terminating, jobs_held = held
-        reports.check_owner(name, owner, bot_id)
+        bot, owner, terminating, jobs_held = held
+        ownership.check_session(name, owner, caller)  # before anything reaches the cache
+        reports.check_owner(name, bot, bot_id)
         settled: dict[str, Completion | Requeue] = {}
         for report in completed:
             job = jobs_held.get(report.id)
             if job is not None:
                 settled[report.id] = await settle(
-                    report, job, bot_id=owner, terminating=terminating,
+                    report, job, bot_id=bot, terminating=terminating,
                     action_cache=self.action_cache, settings=self.settings)
                 self._drop(report.id)
         return settled
 
     def _answered(self, name: str, status: BotStatus, completed: list[ReportedLease]
-                  ) -> tuple[str, bool, dict[str, LeasedJob]] | None:
-        """(owner, terminating, jobs) of reported leases all answered here to this
+                  ) -> tuple[str, str, bool, dict[str, LeasedJob]] | None:
+        """(bot, owner, terminating, jobs) of reported leases all answered here to this
         session; None when one was not, or the session's status is needed."""
         if status == BotStatus.UNSPECIFIED:
             return None  # whether the bot is terminating depends on the stored status
-        owner = ""
+        bot = owner = ""
         jobs_held: dict[str, LeasedJob] = {}
         for report in completed:
             entry = self._delivered.get(report.id)
             if entry is None or entry[0] != name:
                 return None
-            owner, jobs_held[report.id] = entry[1], entry[2]
-        return owner, status == BotStatus.BOT_TERMINATING, jobs_held
+            bot, owner, jobs_held[report.id] = entry[1], entry[2], entry[3]
+        return bot, owner, status == BotStatus.BOT_TERMINATING, jobs_held
 
     async def _read_held(self, name: str, status: BotStatus
-                         ) -> tuple[str, bool, dict[str, LeasedJob]] | None:
+                         ) -> tuple[str, str, bool, dict[str, LeasedJob]] | None:
         async with self.database.connection() as conn:
             rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
-                f"""SELECT s.bot_id, s.status, j.id, j.instance, j.attempts, j.queued_at,
-                           j.cacheable, j.action_hash, j.action_size
+                f"""SELECT s.bot_id, s.owner, s.status, j.id, j.instance, j.attempts,
+                           j.queued_at, j.cacheable, j.action_hash, j.action_size
                     FROM grid_sessions s LEFT JOIN grid_jobs j ON j.lease_session = s.name
                          AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}
                     WHERE s.name = %s AND s.instance = %s""", (name, self.instance))
@@ -117,6 +121,6 @@ class Settler:
             return None
         terminating = reports.status_after(BotStatus(rows[0]["status"]),
                                            status) == BotStatus.BOT_TERMINATING
-        return rows[0]["bot_id"], terminating, {
+        return rows[0]["bot_id"], rows[0]["owner"], terminating, {
             row_lease_id(row): LeasedJob(digest_of(row), row["queued_at"], row["cacheable"])
             for row in rows if row["id"] is not None}

@@ -43,7 +43,8 @@ JOB_COLUMNS = (
 # An operation with its job and the bot holding its lease (if any).
 OPERATION_QUERY = f"""
     SELECT o.name AS op_name, o.created_at AS op_created_at, o.cancelled AS op_cancelled,
-           o.own_response AS op_own_response, s.bot_id AS lease_bot, {JOB_COLUMNS}
+           o.own_response AS op_own_response, o.owner AS op_owner, s.bot_id AS lease_bot,
+           {JOB_COLUMNS}
     FROM grid_operations o JOIN grid_jobs j ON j.id = o.job_id
     LEFT JOIN grid_sessions s ON s.name = j.lease_session"""
 
@@ -86,7 +87,7 @@ def operation_view(row: Row) -> Operation:
         response=bytes(response) if stage == Stage.COMPLETED and response is not None
         else None,
         queued_at=row["queued_at"], created_at=row["op_created_at"], worker=worker or "",
-        cancelled=row["op_cancelled"], attempts=row["attempts"])
+        cancelled=row["op_cancelled"], attempts=row["attempts"], owner=row["op_owner"])
 
 
 def lease_view(row: Row, state: LeaseState | None = None) -> Lease:
@@ -101,4 +102,5 @@ def session_view(row: Row, held: int) -> BotSession:
                       status=BotStatus(row["status"]),
                       properties=properties_from(row["properties"]),
                       capacity=row["capacity"], held=held, version=row["version"],
-                      worker=bytes(row["worker"]), created_at=row["created_at"])
+                      worker=bytes(row["worker"]), created_at=row["created_at"],
+                      owner=row["owner"])

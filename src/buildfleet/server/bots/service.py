@@ -46,6 +46,7 @@ from buildfleet.scheduler.model import (
     ReportedLease,
 )
 from buildfleet.scheduler.protos import ACTION_URL, DIGEST_URL
+from buildfleet.server import principal
 from buildfleet.server.rpc import add_service, rpc
 
 __all__ = ["BaseBotsService", "BotMetrics", "BotsService", "UninstancedBotsService"]
@@ -161,7 +162,8 @@ class BaseBotsService:
         session = await scheduler.create_session(
             body.bot_id, status=BotStatus(body.status),
             properties=worker_properties(body.worker), capacity=worker_capacity(body.worker),
-            worker=body.worker.SerializeToString())
+            worker=body.worker.SerializeToString(), owner=principal.owner(),
+            caller=principal.caller_on(request.parent))
         return self._session_proto(scheduler, session, [], body.worker)
 
     async def _update(self, request: bots_pb2.UpdateBotSessionRequest,
@@ -187,7 +189,7 @@ class BaseBotsService:
             properties=worker_properties(body.worker) if has_worker else None,
             capacity=worker_capacity(body.worker) if has_worker else None,
             worker=body.worker.SerializeToString() if has_worker else None,
-            wait=wait)
+            wait=wait, caller=principal.caller_on(instance_of_session(request.name)))
         return self._session_proto(scheduler, session, leases,
                                    body.worker if has_worker else None)
 
@@ -199,7 +201,8 @@ class BaseBotsService:
         if len(message) > MAX_EVENT_MESSAGE:  # kept per session and logged: bounded
             message = (f"{message[:MAX_EVENT_MESSAGE]}... "
                        f"({len(message) - MAX_EVENT_MESSAGE} more characters dropped)")
-        await scheduler.post_event(request.name, kind, message)
+        await scheduler.post_event(request.name, kind, message,
+                                   principal.caller_on(instance_of_session(request.name)))
         return Empty()
 
     def query_connected_bots_for_instance(self, instance_name: str) -> int:

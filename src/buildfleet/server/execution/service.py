@@ -20,6 +20,7 @@ from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.protos import operation_proto, platform_requirements
+from buildfleet.server import principal
 from buildfleet.server.capabilities.service import clamp_priority
 from buildfleet.server.instance import Instance, Instances
 from buildfleet.server.rpc import add_service, rpc
@@ -104,13 +105,14 @@ class ExecutionService(re_grpc.ExecutionServicer):
                     inline_stderr=request.inline_stderr,
                     inline_paths=request.inline_output_files,
                     limit=int(instance.settings.max_inline_size))
-                operation = await scheduler.record_cache_hit(action_digest, cached)
+                operation = await scheduler.record_cache_hit(action_digest, cached,
+                                                             owner=principal.owner())
                 yield operation_proto(operation)
                 return
         operation = await scheduler.submit(
             action_digest, action, platform_requirements(platform),
             priority=clamp_priority(request.execution_policy.priority),
-            skip_cache_lookup=request.skip_cache_lookup)
+            skip_cache_lookup=request.skip_cache_lookup, owner=principal.owner())
         async for message in scheduler.watch(operation):
             yield message
 
@@ -119,6 +121,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[operations_pb2.Operation]:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = await scheduler.get_operation(request.name)
+        operation = await scheduler.get_operation(
+            request.name, principal.caller_on(instance_of_operation(request.name)))
         async for message in scheduler.watch(operation):
             yield message

@@ -16,7 +16,13 @@ from google.protobuf.empty_pb2 import Empty
 from buildfleet.errors import InvalidArgument
 from buildfleet.scheduler.model import Operation, Stage
 from buildfleet.scheduler.protos import operation_proto
-from buildfleet.server.execution.service import executing_scheduler, scheduler_for_operation
+from buildfleet.scheduler.rules.ownership import Caller
+from buildfleet.server import principal
+from buildfleet.server.execution.service import (
+    executing_scheduler,
+    instance_of_operation,
+    scheduler_for_operation,
+)
 from buildfleet.server.instance import Instances
 from buildfleet.server.rpc import add_service, rpc
 
@@ -80,6 +86,10 @@ def _after(token: str, instance: str) -> tuple[float, str] | None:
                               f"instance {instance!r}") from None
 
 
+def _caller(name: str) -> Caller | None:
+    return principal.caller_on(instance_of_operation(name))
+
+
 class OperationsService(operations_pb2_grpc.OperationsServicer):
     FULL_NAME = "google.longrunning.Operations"
 
@@ -93,7 +103,9 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        return operation_proto(await scheduler.get_operation(request.name))
+        operation = await scheduler.get_operation(request.name, _caller(request.name))
+        principal.note_admin(f"read operation {request.name!r}", operation.owner)
+        return operation_proto(operation)
 
     @rpc
     async def ListOperations(self, request: operations_pb2.ListOperationsRequest,  # noqa: N802
@@ -101,13 +113,16 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
                              ) -> operations_pb2.ListOperationsResponse:
         """Operations of the instance named by `name`, oldest first, paged."""
         scheduler = executing_scheduler(self.instances.get(request.name))
+        caller = principal.caller_on(request.name)
         matches = _matcher(request.filter)
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _after(request.page_token, request.name)
-        selected = sorted((op for op in await scheduler.list_operations() if matches(op)),
-                          key=_sort_key)
+        selected = sorted((op for op in await scheduler.list_operations(caller)
+                           if matches(op)), key=_sort_key)
+        if caller is not None and caller.admin:
+            principal.note_admin(f"listed the operations of instance {request.name!r}", "*")
         start = 0 if after is None else bisect.bisect_right(selected, after, key=_sort_key)
         page = selected[start:start + size]
         response = operations_pb2.ListOperationsResponse(
@@ -120,14 +135,20 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> Empty:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        await scheduler.cancel_operation(request.name)
+        caller = _caller(request.name)
+        owner = (await scheduler.get_operation(request.name, caller)).owner
+        await scheduler.cancel_operation(request.name, caller)
+        principal.note_admin(f"cancelled operation {request.name!r}", owner)
         return Empty()
 
     @rpc
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> Empty:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        await scheduler.delete_operation(request.name)
+        caller = _caller(request.name)
+        owner = (await scheduler.get_operation(request.name, caller)).owner
+        await scheduler.delete_operation(request.name, caller)
+        principal.note_admin(f"deleted operation {request.name!r}", owner)
         return Empty()
 
     @rpc
@@ -135,7 +156,8 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
                             context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         """The operation once done, or as it stands when the timeout or deadline is near."""
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = await scheduler.get_operation(request.name)
+        caller = _caller(request.name)
+        operation = await scheduler.get_operation(request.name, caller)
         limit = MAX_WAIT
         if request.HasField("timeout"):
             # Plain arithmetic: a Duration beyond what timedelta holds is still valid input.
@@ -155,4 +177,4 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         except TimeoutError:
             pass
         # As it stands now (the scheduler may keep only a snapshot in `operation`).
-        return operation_proto(await scheduler.get_operation(request.name))
+        return operation_proto(await scheduler.get_operation(request.name, caller))

@@ -1,0 +1,121 @@
+"""Blob storage backends, as configured (`storage:` and each instance's `cas`,
+`action-cache`).  `buildfleet.storage.factory` turns them into stores."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import ByteSize, Field, field_validator
+
+from buildfleet.config.base import Model, check_instance_name, parse_listen_address
+
+MiB = 1024 * 1024
+
+
+class DiskStorage(Model):
+    """Files under a directory; survives restarts."""
+
+    type: Literal["disk"]
+    path: str
+    max_size: ByteSize | None = Field(default=None, gt=0)
+    fsync: bool = False
+    # With max-size: rescan the directory this often (seconds) to count blobs that
+    # other processes sharing it stored or deleted (see storage/size_limited.py).
+    rescan_interval: float | None = Field(default=None, gt=0)
+
+
+class MemoryStorage(Model):
+    """A dict in the server process, bounded with least-recently-used eviction."""
+
+    type: Literal["memory"]
+    max_size: ByteSize = Field(default=ByteSize(1024 * MiB), gt=0)
+
+
+class SizeLimitedStorage(Model):
+    """Any backend, bounded with least-recently-used eviction."""
+
+    type: Literal["size-limited"]
+    max_size: ByteSize = Field(gt=0)
+    backend: StorageRef
+
+
+class RemoteStorage(Model):
+    """Another REAPI CAS over gRPC (a buildfleet server serving only CAS, or any other).
+
+    CAS only: blobs there are checked against their digests, which action cache
+    entries do not match.  `instance` is the instance name on the remote;
+    `timeout` bounds each call (a stream that makes progress is resumed).
+    """
+
+    type: Literal["remote"]
+    address: str
+    instance: str = ""
+    timeout: float = Field(default=300.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        if address.startswith("unix:"):
+            return address
+        try:
+            parse_listen_address(address)
+        except ValueError:
+            raise ValueError(f"address {address!r} is not HOST:PORT (or unix:PATH)") from None
+        return address
+
+    @field_validator("instance")
+    @classmethod
+    def _check_instance(cls, instance: str) -> str:
+        check_instance_name(instance)
+        return instance
+
+
+class ReadCacheStorage(Model):
+    """A local `cache` in front of a slower `backend` (typically `remote`); CAS only."""
+
+    type: Literal["read-cache"]
+    backend: StorageRef
+    cache: StorageRef
+
+
+class PostgresStorage(Model):
+    """Rows in the server's PostgreSQL `database`, shared by every replica.
+
+    Meant for the action cache of replicas on several machines.  `namespace`
+    keeps storages apart in the one table; `max-size` and `rescan-interval` bound
+    it as for disk storage.
+    """
+
+    type: Literal["postgres"]
+    namespace: str = ""
+    max_size: ByteSize | None = Field(default=None, gt=0)
+    rescan_interval: float | None = Field(default=None, gt=0)
+
+
+STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache",
+                           "postgres"})
+StorageSpec = Annotated[
+    DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage
+    | PostgresStorage,
+    Field(discriminator="type"),
+]
+# A storage is either declared inline or named from the top-level `storage` map.
+StorageRef = str | StorageSpec
+SizeLimitedStorage.model_rebuild()
+ReadCacheStorage.model_rebuild()
+
+
+def instance_slug(name: str) -> str:
+    """A directory name for an instance's default storage."""
+    return "default" if name == "" else "instance-" + quote(name, safe="")
+
+
+def default_cas(name: str) -> DiskStorage:
+    return DiskStorage(type="disk", path=f"{instance_slug(name)}/cas")
+
+
+def default_action_cache(name: str) -> DiskStorage:
+    return DiskStorage(type="disk", path=f"{instance_slug(name)}/ac")
+
+

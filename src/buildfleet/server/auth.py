@@ -1,0 +1,234 @@
+"""Every call authenticated and authorized, in one place: a server interceptor.
+
+When authentication is configured, each call is authenticated first
+(UNAUTHENTICATED, saying which credentials the server accepts, when it carries
+none that are valid), then checked against `RULES`: the roles that may make it,
+on the instance the request names (PERMISSION_DENIED naming the role and the
+instance that would be needed).  gRPC health checking stays open; reflection
+needs `read` somewhere.  The principal is then available to the services as
+`current_principal()` (operations and bot sessions belong to it).  Refusals go to
+the audit log, once per principal and reason within a window.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from buildfleet.auth.audit import Audit
+from buildfleet.auth.authenticator import Authenticator
+from buildfleet.auth.principal import Principal, Unauthenticated
+from buildfleet.config.security import INCLUDES, Role
+from buildfleet.errors import BuildfleetError
+from buildfleet.server.bots.service import instance_of_session
+from buildfleet.server.bytestream.resource import parse_read, parse_write
+from buildfleet.server.execution.service import instance_of_operation
+from buildfleet.server.principal import PRINCIPAL
+from buildfleet.server.rpc import Undecodable
+
+
+@dataclass(frozen=True)
+class Rule:
+    roles: frozenset[Role]  # any of these, on the request's instance
+    instance: Callable[[Any], str] | None  # None: any instance will do
+    bot_id: Callable[[Any], str] | None = None
+
+
+READ = frozenset({Role.READ, Role.BOT})  # what bots need of the CAS, they may do
+WRITE = frozenset({Role.EXECUTE, Role.BOT})
+
+
+def _named(request: Any) -> str:
+    return str(request.instance_name)
+
+
+def _read_resource(request: Any) -> str:
+    return parse_read(request.resource_name).instance_name
+
+
+def _write_resource(request: Any) -> str:
+    return parse_write(request.resource_name).instance_name
+
+
+def _operation(request: Any) -> str:
+    return instance_of_operation(request.name)
+
+
+_REAPI = "/build.bazel.remote.execution.v2."
+RULES: dict[str, Rule] = {
+    _REAPI + "Capabilities/GetCapabilities": Rule(READ, _named),
+    _REAPI + "ContentAddressableStorage/FindMissingBlobs": Rule(READ, _named),
+    _REAPI + "ContentAddressableStorage/BatchReadBlobs": Rule(READ, _named),
+    _REAPI + "ContentAddressableStorage/GetTree": Rule(READ, _named),
+    _REAPI + "ContentAddressableStorage/BatchUpdateBlobs": Rule(WRITE, _named),
+    _REAPI + "ActionCache/GetActionResult": Rule(frozenset({Role.READ}), _named),
+    _REAPI + "ActionCache/UpdateActionResult": Rule(frozenset({Role.CACHE_WRITE}), _named),
+    _REAPI + "Execution/Execute": Rule(frozenset({Role.EXECUTE}), _named),
+    _REAPI + "Execution/WaitExecution": Rule(frozenset({Role.EXECUTE}), _operation),
+    "/google.bytestream.ByteStream/Read": Rule(READ, _read_resource),
+    "/google.bytestream.ByteStream/Write": Rule(WRITE, _write_resource),
+    "/google.bytestream.ByteStream/QueryWriteStatus": Rule(WRITE, _write_resource),
+    "/google.longrunning.Operations/GetOperation": Rule(frozenset({Role.EXECUTE}), _operation),
+    "/google.longrunning.Operations/WaitOperation": Rule(frozenset({Role.EXECUTE}), _operation),
+    "/google.longrunning.Operations/CancelOperation": Rule(frozenset({Role.EXECUTE}),
+                                                           _operation),
+    "/google.longrunning.Operations/DeleteOperation": Rule(frozenset({Role.EXECUTE}),
+                                                           _operation),
+    "/google.longrunning.Operations/ListOperations": Rule(frozenset({Role.EXECUTE}),
+                                                          lambda request: str(request.name)),
+    "/google.devtools.remoteworkers.v1test2.Bots/CreateBotSession": Rule(
+        frozenset({Role.BOT}), lambda request: str(request.parent),
+        lambda request: str(request.bot_session.bot_id)),
+    "/google.devtools.remoteworkers.v1test2.Bots/UpdateBotSession": Rule(
+        frozenset({Role.BOT}), lambda request: instance_of_session(request.name)),
+    "/google.devtools.remoteworkers.v1test2.Bots/PostBotEventTemp": Rule(
+        frozenset({Role.BOT}), lambda request: instance_of_session(request.name)),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule(READ, None),
+}
+OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates and authorizes every call (see the module docstring)."""
+
+    def __init__(self, authenticator: Authenticator, audit: Audit) -> None:
+        self.authenticator = authenticator
+        self.audit = audit
+
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method in OPEN:
+            return handler
+        return self._guarded(handler, method, RULES.get(method))
+
+    def _admit(self, method: str, rule: Rule | None, request: Any,
+               context: grpc.aio.ServicerContext) -> Principal:
+        """The caller's principal; raises the refusal (UNAUTHENTICATED, PERMISSION_DENIED)."""
+        peer = context.peer()
+        try:
+            principal = self.authenticator.authenticate(context.invocation_metadata() or (),
+                                                        context.auth_context())
+        except Unauthenticated as error:
+            self.audit.refused("an unauthenticated peer", str(error), method, peer)
+            raise _Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                           f"{error}; this server accepts {self.authenticator.accepts()}"
+                           ) from None
+        if rule is None:  # a method with no rule: nobody but an admin
+            rule = Rule(frozenset({Role.ADMIN}), None)
+        instance = self._instance(rule, request)
+        bot_id = rule.bot_id(request) if rule.bot_id and instance is not None else None
+        if instance is None:
+            allowed = any(principal.may_anywhere(role) for role in rule.roles)
+        else:
+            allowed = any(principal.may(role, instance, bot_id) for role in rule.roles)
+        if not allowed:
+            needed = ", ".join(sorted(role.value for role in Role
+                                      if role is not Role.ADMIN and INCLUDES[role] & rule.roles)
+                               ) or Role.ADMIN.value
+            where = "any instance" if instance is None else f"instance {instance!r}"
+            if bot_id:
+                where += f" for bot id {bot_id!r}"
+            reason = f"principal {principal.name!r} may not call {method}: it needs one " \
+                     f"of the roles {needed} on {where}"
+            self.audit.refused(f"principal {principal.name!r}", reason, method, peer)
+            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, reason)
+        return principal
+
+    @staticmethod
+    def _instance(rule: Rule, request: Any) -> str | None:
+        """The instance a request is for; None when it does not say (a malformed or
+        undecodable request: the method then answers it, to a principal that holds the
+        role somewhere)."""
+        if rule.instance is None or request is None or isinstance(request, Undecodable):
+            return None
+        try:
+            return rule.instance(request)
+        except (BuildfleetError, AttributeError):
+            return None
+
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str,
+                 rule: Rule | None) -> grpc.RpcMethodHandler:
+        admit = self._admit
+        options = {"request_deserializer": handler.request_deserializer,
+                   "response_serializer": handler.response_serializer}
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _enter(admit, method, rule, request, context)
+                return await inner_uu(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
+        if handler.unary_stream is not None and inspect.iscoroutinefunction(
+                handler.unary_stream):  # a stream written with context.write()
+            inner_uw = handler.unary_stream
+
+            async def unary_writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _enter(admit, method, rule, request, context)
+                return await inner_uw(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_writes, **options)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
+                                   ) -> AsyncIterator[Any]:
+                await _enter(admit, method, rule, request, context)
+                async for response in inner_us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any],
+                                   context: grpc.aio.ServicerContext) -> Any:
+                first = await anext(aiter(requests), None)
+                await _enter(admit, method, rule, first, context)
+                return await inner_su(_prepend(first, requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any],
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await _enter(admit, method, rule, None, context)
+            async for response in inner_ss(requests, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def _enter(admit: Callable[..., Principal], method: str, rule: Rule | None,
+                 request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Admit the call or end it with its refusal.  The principal is set in the call's
+    own context (each call is served in a task of its own: nothing leaks to others)."""
+    try:
+        principal = admit(method, rule, request, context)
+    except _Refusal as refusal:
+        await context.abort(refusal.code, refusal.message)
+        raise AssertionError("unreachable") from None  # context.abort always raises
+    PRINCIPAL.set(principal)
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is None:
+        return
+    yield first
+    async for item in rest:
+        yield item
