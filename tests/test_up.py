@@ -16,6 +16,7 @@ import grpc
 import pytest
 import yaml
 from botkit import Client, stdout_is
+from procutil import run_buildfleet
 from upprocess import UpProcess, alive, wait_until
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -151,21 +152,28 @@ def test_up_secure_makes_credentials_once_and_serves_only_with_them(tmp_path: Pa
 
         ca_pem = Path(ca).read_bytes()
 
-        async def run(presented: str | None) -> re_pb2.ExecuteResponse:
-            async with channel_with(up.endpoint, ca_pem, presented) as ch:
+        async def run(presented: str | None, endpoint: str) -> re_pb2.ExecuteResponse:
+            async with channel_with(endpoint, ca_pem, presented) as ch:
                 client = Client(ch)
                 digest = await client.action("echo", "secure", do_not_cache=True,
                                              platform=[("OSFamily", OS_FAMILY)])
                 return await client.result(client.execute(digest))
 
-        response = asyncio.run(run(token))
+        response = asyncio.run(run(token, up.endpoint))
         assert response.status.code == 0 and response.result.exit_code == 0, response
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            asyncio.run(run(None))
+            asyncio.run(run(None, up.endpoint))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         first_ca = ca_pem
-    # A second start reuses what the first made.
+    # A token added by hand to the grid's tokens file.
+    added = run_buildfleet("auth", "token", "--principal", "carol", "--grant", "execute",
+                           "--tokens-file", str(data / "secure" / "tokens.yaml"),
+                           cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    # A second start reuses what the first made, and keeps the added token.
     with UpProcess.start(tmp_path / "second", bots=1, data_dir=data,
                          extra_args=["--secure"]) as again:
         assert (data / "secure" / "ca.pem").read_bytes() == first_ca
         assert any(token in flag for flag in again.bazel_flags())
+        response = asyncio.run(run(added.stdout.strip(), again.endpoint))
+        assert response.status.code == 0 and response.result.exit_code == 0, response

@@ -101,5 +101,43 @@ def upgrade(database: str | None, config_file: Path | None) -> None:
     click.echo(f"schema version {before} -> {after}")
 
 
+@main.group()
+def auth() -> None:
+    """Manage credentials."""
+
+
+@auth.command()
+@click.option("--principal", required=True, help="The name the token authenticates as.")
+@click.option("--grant", "grants", multiple=True, metavar="ROLE[:INSTANCES]",
+              help="A grant of the token (repeatable): read, execute, cache-write, bot or "
+                   "admin, optionally on the instances matching a glob (execute:ci/*).")
+@click.option("--tokens-file", type=click.Path(path_type=Path), default=None,
+              help="Add the token's entry to this tokens file (created if missing; a "
+                   "running server re-reads it). Without it the entry is printed.")
+def token(principal: str, grants: tuple[str, ...], tokens_file: Path | None) -> None:
+    """Make a bearer token: print it, and add its hash to a tokens file."""
+    import yaml
+
+    from buildfleet.auth.tokens import add_entries, digest, new_token
+    from buildfleet.config import Role
+
+    roles = [role.value for role in Role]
+    for grant in grants:
+        if grant.partition(":")[0] not in roles:
+            raise click.BadParameter(f"{grant!r}: the role must be one of {', '.join(roles)}",
+                                     param_hint="--grant")
+    secret = new_token()
+    entry = {"sha256": digest(secret), "principal": principal, "grants": list(grants)}
+    if tokens_file is None:
+        click.echo(yaml.safe_dump({"tokens": [entry]}, sort_keys=False), err=True, nl=False)
+    else:
+        try:
+            add_entries(tokens_file, [entry])
+        except ValueError as error:
+            raise click.ClickException(f"not changed: {error}") from None
+        click.echo(f"added a token of {principal!r} to {tokens_file}", err=True)
+    click.echo(secret)
+
+
 main.add_command(bot)  # `buildfleet bot`, defined with the bot in buildfleet.worker
 main.add_command(up)  # `buildfleet up`: server plus local bots, in buildfleet.up

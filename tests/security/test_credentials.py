@@ -121,3 +121,49 @@ async def test_a_client_certificate_names_the_principal(start_server: StartServe
     # A token works on the same server too (mutual TLS plus a bearer token).
     token = keys.token("erin", "read")
     assert await status(keys, grid, client=keys.client("mallory"), token=token) == ("OK", "")
+
+
+async def test_the_token_command_adds_a_token_a_running_server_accepts(
+        start_server: StartServer, tmp_path: Path) -> None:
+    from procutil import run_buildfleet
+
+    keys = Keys(tmp_path / "keys")
+    old = keys.token("grace", "read")
+    grid = await start_server({"tls": keys.tls(), "auth": keys.auth()})
+    done = run_buildfleet("auth", "token", "--principal", "frank", "--grant", "read",
+                          "--tokens-file", str(keys.root / "tokens.yaml"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+
+    async def accepted() -> bool:
+        return await status(keys, grid, token=token) == ("OK", "")
+
+    await wait_for(accepted, 10, "the new token to be accepted")
+    assert (keys.root / "tokens.yaml").stat().st_mode & 0o077 == 0
+    # The token already in the file still works: the command only adds.
+    assert await status(keys, grid, token=old) == ("OK", "")
+
+
+def test_the_token_command_keeps_the_file_and_leaves_a_broken_one_alone(
+        tmp_path: Path) -> None:
+    from procutil import run_buildfleet
+
+    from buildfleet.auth.tokens import parse
+
+    tokens = tmp_path / "tokens.yaml"
+    first = run_buildfleet("auth", "token", "--principal", "a", "--grant", "execute:ci/*",
+                           "--tokens-file", str(tokens), cwd=tmp_path)
+    second = run_buildfleet("auth", "token", "--principal", "b", "--grant", "bot",
+                            "--tokens-file", str(tokens), cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    table = parse(tokens.read_bytes())
+    assert sorted(p.name for p in table.values()) == ["a", "b"]
+    tokens.write_text("tokens: [{sha256: nope, principal: x}]\n")
+    broken = tokens.read_bytes()
+    refused = run_buildfleet("auth", "token", "--principal", "c", "--tokens-file",
+                             str(tokens), cwd=tmp_path)
+    assert refused.returncode != 0 and "not changed" in refused.stderr, refused.stderr
+    assert tokens.read_bytes() == broken
+    bad_role = run_buildfleet("auth", "token", "--principal", "c", "--grant", "root",
+                              cwd=tmp_path)
+    assert bad_role.returncode != 0 and "must be one of" in bad_role.stderr

@@ -44,14 +44,24 @@ class KeyPair:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to a file only its owner may read, however the umask is set."""
+    """Write `data` to a file only its owner may read, however the umask is set.  The
+    file is replaced whole (a temporary file renamed over it), so a server re-reading
+    it never sees it half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
         os.close(fd)
+        temporary.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(temporary, path)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from buildfleet.auth import pki
-from buildfleet.auth.tokens import new_token
+from buildfleet.auth.tokens import add_entries, new_token
+from buildfleet.config import ConfigError
 
 CLIENT_GRANTS = ["execute", "cache-write"]
 
@@ -98,5 +98,10 @@ def prepare(root: Path, hosts: Sequence[str]) -> SecureGrid:
         token = path.read_text().strip()
         entries.append({"sha256": hashlib.sha256(token.encode()).hexdigest(),
                         "principal": principal, "grants": grants})
-    pki.write_private(grid.tokens_file, yaml.safe_dump({"tokens": entries}).encode())
+    # Tokens added by hand (`buildfleet auth token --tokens-file`) are kept.
+    try:
+        add_entries(grid.tokens_file, entries, replacing=frozenset({"local-bots",
+                                                                    "local-client"}))
+    except ValueError as error:
+        raise ConfigError(f"{error}: fix or remove the file") from None
     return grid

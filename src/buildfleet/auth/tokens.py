@@ -15,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from buildfleet.auth.files import Watched
+from buildfleet.auth.pki import write_private
 from buildfleet.auth.principal import Principal
 from buildfleet.config.security import Grant
 
@@ -64,6 +66,26 @@ def parse(data: bytes) -> dict[str, Principal]:
             raise ValueError(f"tokens[{index}].sha256 is not 64 hex digits")
         table[hashed] = Principal(entry.principal, tuple(entry.grants), "token")
     return table
+
+
+def add_entries(path: Path, entries: Sequence[Mapping[str, object]], *,
+                replacing: frozenset[str] = frozenset()) -> None:
+    """Add `entries` to the tokens file at `path` (created if missing), first dropping
+    the entries of the principals in `replacing`; every other entry is kept.  The
+    file is replaced whole.  ValueError when the existing file does not parse (it is
+    left as it is)."""
+    document: dict[str, object] = {}
+    if path.exists():
+        data = path.read_bytes()
+        try:
+            parse(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        document = yaml.safe_load(data) or {}
+    kept = [entry for entry in document.get("tokens") or []  # type: ignore[attr-defined]
+            if entry.get("principal") not in replacing]
+    document["tokens"] = [*kept, *entries]
+    write_private(path, yaml.safe_dump(document, sort_keys=False).encode())
 
 
 class TokenTable:

@@ -23,18 +23,21 @@ class ClientCredentials:
     client_cert: Path | None = None  # PEM certificate chain for mutual TLS
     client_key: Path | None = None
     token_file: Path | None = None  # a file holding the bearer token
+    force_tls: bool = False  # TLS even without a CA or client certificate (system roots)
 
     @property
     def tls(self) -> bool:
-        return self.tls_ca is not None or self.client_cert is not None
+        return self.force_tls or self.tls_ca is not None or self.client_cert is not None
 
-    def check(self) -> None:
-        """ValueError naming the option when the files cannot be used."""
+    def check(self, prefix: str = "--") -> None:
+        """ValueError naming the option (`prefix` + its name) when the files cannot be
+        used."""
         if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("--client-cert and --client-key go together")
-        for option, path in (("--tls-ca", self.tls_ca), ("--client-cert", self.client_cert),
-                             ("--client-key", self.client_key),
-                             ("--token-file", self.token_file)):
+            raise ValueError(f"{prefix}client-cert and {prefix}client-key go together")
+        for option, path in (("tls-ca", self.tls_ca), ("client-cert", self.client_cert),
+                             ("client-key", self.client_key),
+                             ("token-file", self.token_file)):
+            option = prefix + option
             if path is not None and not path.is_file():
                 raise ValueError(f"{option} {path}: no such file")
         if self.token_file is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from pydantic import ByteSize, Field, field_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 
 from buildfleet.config.base import Model, check_instance_name, parse_listen_address
 
@@ -46,12 +46,32 @@ class RemoteStorage(Model):
     CAS only: blobs there are checked against their digests, which action cache
     entries do not match.  `instance` is the instance name on the remote;
     `timeout` bounds each call (a stream that makes progress is resumed).
+
+    A secure remote: `tls` (implied by `tls-ca` or `client-cert`) verifies it by
+    the system's roots or by `tls-ca`; `client-cert` / `client-key` are presented
+    for mutual TLS; `token-file` holds a bearer token sent on every call (re-read
+    when it changes).  Relative paths are relative to the data dir.
     """
 
     type: Literal["remote"]
     address: str
     instance: str = ""
     timeout: float = Field(default=300.0, gt=0)
+    tls: bool = False
+    tls_ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> RemoteStorage:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client-cert and client-key go together")
+        return self
+
+    @property
+    def secure(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.client_cert is not None
 
     @field_validator("address")
     @classmethod

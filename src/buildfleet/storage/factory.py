@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from buildfleet.client.credentials import ClientCredentials
 from buildfleet.config import (
+    ConfigError,
     DiskStorage,
     MemoryStorage,
     PostgresStorage,
@@ -65,13 +67,32 @@ class StoreFactory:
         if isinstance(ref, SizeLimitedStorage):
             return SizeLimitedStore(self._part(ref.backend), int(ref.max_size))
         if isinstance(ref, RemoteStorage):
-            return RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout)
+            return RemoteStore(ref.address, instance=ref.instance, timeout=ref.timeout,
+                               credentials=self._credentials(ref))
         if isinstance(ref, PostgresStorage):
             return self._bounded(PostgresStore(self.config.database, self.config.postgres,
                                                namespace=ref.namespace), ref)
         if isinstance(ref, ReadCacheStorage):
             return ReadCachingStore(self._part(ref.backend), self._part(ref.cache))
         raise TypeError(f"unknown storage {ref!r}")  # pragma: no cover - config admits no other
+
+    def _credentials(self, ref: RemoteStorage) -> ClientCredentials | None:
+        if not ref.secure and ref.token_file is None:
+            return None
+
+        def path(value: str | None) -> Path | None:
+            return None if value is None else self.config.data_path(value)
+
+        credentials = ClientCredentials(tls_ca=path(ref.tls_ca),
+                                        client_cert=path(ref.client_cert),
+                                        client_key=path(ref.client_key),
+                                        token_file=path(ref.token_file),
+                                        force_tls=ref.secure)
+        try:
+            credentials.check(prefix="")
+        except ValueError as error:
+            raise ConfigError(f"storage remote {ref.address}: {error}") from None
+        return credentials
 
     @staticmethod
     def _bounded(store: BlobStore, ref: DiskStorage | PostgresStorage) -> BlobStore:

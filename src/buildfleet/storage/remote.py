@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2
 
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet.client.cas import CasClient, CasError, CorruptBlob, MissingBlobs
+from buildfleet.client.credentials import ClientCredentials
 from buildfleet.digest import Digest
 from buildfleet.errors import (
     BuildfleetError,
@@ -129,8 +130,10 @@ class RemoteStore(BlobStore):
     """Blobs kept by another REAPI CAS.  See the module docstring."""
 
     def __init__(self, address: str, *, instance: str = "",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 credentials: ClientCredentials | None = None) -> None:
         self.address = address
+        self.credentials = credentials
         self.instance = instance
         self.timeout = timeout
         self.name = f"remote CAS {address}" + (f" (instance {instance!r})" if instance else "")
@@ -157,10 +160,22 @@ class RemoteStore(BlobStore):
         if self._closed:
             raise Unavailable(f"{self.name}: the store is closed (the server is stopping)")
         if self._remote is None:
-            channel = grpc.aio.insecure_channel(self.address, options=_channel_options())
+            channel = self._open_channel()
             self._remote = _RemoteClient(channel, self.instance, timeout=self.timeout,
                                          max_concurrency=MAX_CONCURRENCY)
         return self._remote
+
+    def _open_channel(self) -> grpc.aio.Channel:
+        credentials = self.credentials
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=_channel_options())
+        interceptors = credentials.interceptors()
+        if credentials.tls:
+            return grpc.aio.secure_channel(self.address, credentials.channel_credentials(),
+                                           options=_channel_options(),
+                                           interceptors=interceptors)
+        return grpc.aio.insecure_channel(self.address, options=_channel_options(),
+                                         interceptors=interceptors)
 
     def error(self, error: CasError) -> BuildfleetError:
         """The domain error for what the remote (or the way to it) answered."""
