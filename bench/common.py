@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -12,7 +13,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+import grpc
+import yaml
 
 LISTENING = re.compile(r"listening on (\S+)")
 
@@ -50,6 +55,51 @@ def spawned_server(extra_args: list[str] | None = None, config: str | None = Non
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a client of a secure benchmark server presents: the CA to trust, a token."""
+
+    ca_pem: bytes
+    token: str
+
+    def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.aio.Channel:
+        credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=self.ca_pem),
+            grpc.access_token_call_credentials(self.token))
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def channel(address: str, credentials: Credentials | None,
+            options: list[tuple[str, object]]) -> grpc.aio.Channel:
+    """A plaintext channel, or a TLS one with a bearer token."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return credentials.channel(address, options)
+
+
+@contextlib.contextmanager
+def secure_settings(roles: list[str]) -> Iterator[tuple[str, dict[str, Credentials]]]:
+    """TLS and bearer-token settings for a benchmark server (a YAML fragment for its
+    configuration), and per role the credentials of a client holding that role."""
+    from buildfleet.auth.pki import issue, new_ca
+    from buildfleet.auth.tokens import new_token
+
+    with tempfile.TemporaryDirectory(prefix="buildfleet-bench-keys-") as tmp:
+        root = Path(tmp)
+        ca = new_ca()
+        issue(ca, "bench server", server_names=["localhost", "127.0.0.1"]).write(
+            root / "server.pem", root / "server.key")
+        tokens = {role: new_token() for role in roles}
+        (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
+            {"sha256": hashlib.sha256(token.encode()).hexdigest(),
+             "principal": f"bench-{role}", "grants": [role]}
+            for role, token in tokens.items()]}))
+        settings = yaml.safe_dump({
+            "tls": {"cert": str(root / "server.pem"), "key": str(root / "server.key")},
+            "auth": {"tokens-file": str(root / "tokens.yaml")}})
+        yield settings, {role: Credentials(ca.cert_pem, token) for role, token in tokens.items()}
 
 
 def rss_mib(pid: int) -> float:

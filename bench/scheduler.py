@@ -14,6 +14,7 @@ wall-clock figures.
     python bench/scheduler.py --bots 32 --clients 64 --actions 5000
     python bench/scheduler.py --target 127.0.0.1:50051 ...   # an existing server
     python bench/scheduler.py --target 127.0.0.1:50051 --server-pid 1234 ...
+    python bench/scheduler.py --secure ...   # TLS, bots and clients with bearer tokens
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
-from common import cpu_seconds, percentile, report, rss_mib, spawned_server  # noqa: E402
+from common import (  # noqa: E402
+    Credentials,
+    channel,
+    cpu_seconds,
+    percentile,
+    report,
+    rss_mib,
+    secure_settings,
+    spawned_server,
+)
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (  # noqa: E402
     remote_execution_pb2 as re_pb2,
@@ -155,11 +165,12 @@ async def client_loop(stub: re_grpc.ExecutionStub,
 
 
 async def run_bots(address: str, instance: str, count: int, stop_after: float,
-                   ready: multiprocessing.synchronize.Event | None = None) -> dict[str, int]:
+                   ready: multiprocessing.synchronize.Event | None = None,
+                   credentials: Credentials | None = None) -> dict[str, int]:
     counters = {"leases": 0, "bot_errors": 0}
     stop = asyncio.Event()
-    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
-        tasks = [asyncio.create_task(bot_loop(channel, instance, i, stop, counters))
+    async with channel(address, credentials, OPTIONS) as bots_channel:
+        tasks = [asyncio.create_task(bot_loop(bots_channel, instance, i, stop, counters))
                  for i in range(count)]
         if ready is not None:
             ready.set()
@@ -170,16 +181,19 @@ async def run_bots(address: str, instance: str, count: int, stop_after: float,
 
 
 def bots_process(address: str, instance: str, count: int, stop_after: float,
-                 ready: multiprocessing.synchronize.Event) -> None:
-    asyncio.run(run_bots(address, instance, count, stop_after, ready))
+                 ready: multiprocessing.synchronize.Event,
+                 credentials: Credentials | None) -> None:
+    asyncio.run(run_bots(address, instance, count, stop_after, ready, credentials))
 
 
 async def run_clients(address: str, instance: str, args: argparse.Namespace,
-                      cpu_pids: dict[str, int]) -> dict[str, object]:
+                      cpu_pids: dict[str, int],
+                      credentials: Credentials | None = None) -> dict[str, object]:
     """Upload, then run the clients; CPU of the processes in `cpu_pids` over the run."""
-    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+    async with channel(address, credentials, OPTIONS) as client_channel:
         upload_started = time.perf_counter()
-        digests = await upload_actions(channel, instance, args.actions, uuid.uuid4().hex)
+        digests = await upload_actions(client_channel, instance, args.actions,
+                                       uuid.uuid4().hex)
         upload_seconds = time.perf_counter() - upload_started
         # Requests are built before the clock starts: the load generator shares the
         # machine with the server, and what it spends is taken from the server.
@@ -187,7 +201,7 @@ async def run_clients(address: str, instance: str, args: argparse.Namespace,
         for digest in digests:
             work.put_nowait((digest, re_pb2.ExecuteRequest(
                 instance_name=instance, action_digest=digest, skip_cache_lookup=True)))
-        stub = re_grpc.ExecutionStub(channel)
+        stub = re_grpc.ExecutionStub(client_channel)
         latencies: list[float] = []
         counters = {"errors": 0, "wrong_results": 0}
         print(f"uploaded {args.actions} actions in {upload_seconds:.1f} s; executing them",
@@ -200,6 +214,7 @@ async def run_clients(address: str, instance: str, args: argparse.Namespace,
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in cpu_pids.items()}
     figures: dict[str, object] = {
         "actions": args.actions, "bots": args.bots, "clients": args.clients,
+        "secure": credentials is not None,
         "completed": len(latencies), "seconds": round(elapsed, 3),
         "upload_seconds": round(upload_seconds, 3),
         "actions_per_s": round(len(latencies) / elapsed, 1),
@@ -227,14 +242,21 @@ def main() -> int:
     parser.add_argument("--bot-processes", type=int, default=1,
                         help="processes the synthetic bots are spread over")
     parser.add_argument("--max-seconds", type=float, default=600.0)
+    parser.add_argument("--secure", action="store_true",
+                        help="spawn the server with TLS and bearer tokens (a `bot` token "
+                             "for the bots, an `execute` token for the clients)")
     args = parser.parse_args()
+    if args.secure and args.target:
+        parser.error("--secure spawns its own server: it does not go with --target")
+    tokens: dict[str, Credentials] = {}
 
     def run(address: str, server_pid: int | None) -> dict[str, object]:
         ready = [multiprocessing.Event() for _ in range(args.bot_processes)]
         share = [args.bots // args.bot_processes + (i < args.bots % args.bot_processes)
                  for i in range(args.bot_processes)]
         workers = [multiprocessing.Process(
-            target=bots_process, args=(address, args.instance, n, args.max_seconds, r),
+            target=bots_process,
+            args=(address, args.instance, n, args.max_seconds, r, tokens.get("bot")),
             daemon=True) for n, r in zip(share, ready, strict=True) if n]
         for worker in workers:
             worker.start()
@@ -247,7 +269,8 @@ def main() -> int:
         if server_pid is not None:
             cpu_pids["server"] = server_pid
         try:
-            figures = asyncio.run(run_clients(address, args.instance, args, cpu_pids))
+            figures = asyncio.run(run_clients(address, args.instance, args, cpu_pids,
+                                              tokens.get("execute")))
         finally:
             for worker in workers:
                 worker.terminate()
@@ -261,6 +284,11 @@ def main() -> int:
 
     if args.target:
         figures = run(args.target, args.server_pid)
+    elif args.secure:
+        with secure_settings(["bot", "execute"]) as (settings, credentials), \
+                spawned_server(config=settings) as (address, process):
+            tokens.update(credentials)
+            figures = run(address, process.pid)
     else:
         with spawned_server() as (address, process):
             figures = run(address, process.pid)

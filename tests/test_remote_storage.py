@@ -226,8 +226,8 @@ def test_config_accepts_remote_behind_a_read_cache() -> None:
 @pytest.mark.parametrize(("document", "message"), [
     ({"instances": {"": {"cas": {"type": "remote", "address": "nowhere"}}}},
      "instances.\"\".cas.address: address 'nowhere' is not HOST:PORT"),
-    ({"instances": {"": {"cas": {"type": "remote", "address": "a:1", "tls": True}}}},
-     "instances.\"\".cas.tls: unknown key"),
+    ({"instances": {"": {"cas": {"type": "remote", "address": "a:1", "tls-cert": "c.pem"}}}},
+     "instances.\"\".cas.tls-cert: unknown key"),
     ({"instances": {"": {"cas": {"type": "read-cache", "cache": {"type": "memory"},
                                  "backend": {"type": "remote", "address": "a:1",
                                              "adress": "b:2"}}}}},

@@ -148,3 +148,27 @@ def test_named_instance_with_the_readme_bazelrc(bazel: Bazel, grid: UpProcess) -
             blob_digests=[re_pb2.Digest(hash=shout.hash, size_bytes=shout.size_bytes)]),
             timeout=30)
     assert list(missing.missing_blob_digests) == []
+
+
+def test_build_over_tls_with_a_bearer_token_on_a_secure_grid(
+        tls_bazel: Bazel, secure_grid: UpProcess) -> None:
+    """The flags `up --secure` prints (grpcs://, --tls_certificate, the authorization
+    header) build remotely; without the header the grid refuses Bazel."""
+    tls_bazel.workspace.user_rc.write_text("")
+    flags = remote_flags(secure_grid)
+    assert f"--remote_executor=grpcs://{secure_grid.endpoint}" in flags, flags
+    assert any(f.startswith("--tls_certificate=") for f in flags), flags
+    assert any(f.startswith("--remote_header=authorization=Bearer ") for f in flags), flags
+    cleaned = tls_bazel("clean")
+    assert cleaned.returncode == 0, cleaned.describe()
+
+    built = tls_bazel("test", "//...", *flags)
+    assert_all_remote(built, "remote")
+    assert re.search(r"//:hello_test\s+PASSED", built.output), built.describe()
+    assert_outputs(tls_bazel)
+
+    anonymous = [f for f in flags if not f.startswith("--remote_header=")]
+    assert tls_bazel("clean").returncode == 0
+    refused = tls_bazel("build", "//...", *anonymous, "--remote_retries=0")
+    assert refused.returncode != 0, refused.describe()
+    assert "UNAUTHENTICATED" in refused.output, refused.describe()

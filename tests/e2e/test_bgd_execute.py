@@ -68,8 +68,17 @@ def final_response(output: str) -> re_pb2.ExecuteResponse:
     return response
 
 
-def read_blob(address: str, instance: str, digest: re_pb2.Digest) -> bytes:
-    with grpc.insecure_channel(address) as channel:
+def read_blob(address: str, instance: str, digest: re_pb2.Digest, *, ca: Path | None = None,
+              token: str | None = None) -> bytes:
+    if ca is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(ca.read_bytes())
+        if token is not None:
+            credentials = grpc.composite_channel_credentials(
+                credentials, grpc.access_token_call_credentials(token))
+        channel = grpc.secure_channel(address, credentials)
+    with channel:
         cas = re_grpc.ContentAddressableStorageStub(channel)
         response = cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(
             instance_name=instance, digests=[digest]), timeout=30)
@@ -87,47 +96,79 @@ def test_bgd_executes_a_command_with_inputs_and_outputs(
     (source / "data" / "salt").write_bytes(os.urandom(16))
 
     def execute(download: Path, *options: str) -> re_pb2.ExecuteResponse:
-        args = ["execute", "--remote", f"http://{grid.endpoint}"]
-        if instance:
-            args += ["--instance-name", instance]
-        args += ["command", "--output-file", "out/sorted.txt", "--output-file", "out/run-me.sh",
-                 "--output-directory", str(download), "-p", "OSFamily", "linux", *options,
-                 str(source), "./bin/process.sh", "data/words.txt"]
-        result = run_bgd(bgd_venv, *args)
-        report = (f"bgd exited {result.returncode}\nstdout:\n{result.stdout}\n"
-                  f"stderr:\n{result.stderr}\ngrid:\n{grid.report()}")
-        assert result.returncode == 0, report
-        assert "Error" not in result.stderr, report
-        response = final_response(result.stdout)
-        assert response.status.code == 0, (response, report)
-        assert response.result.exit_code == 0, (response, report)
-        return response
-
-    def check(response: re_pb2.ExecuteResponse, download: Path) -> None:
-        result = response.result
-        stdout = (read_blob(grid.endpoint, instance, result.stdout_digest)
-                  if result.HasField("stdout_digest") else result.stdout_raw)
-        assert stdout == STDOUT
-        assert "-bot" in result.execution_metadata.worker
-        assert {f.path: f.is_executable for f in result.output_files} == {
-            "out/sorted.txt": False, "out/run-me.sh": True}
-        assert (download / "out" / "sorted.txt").read_bytes() == SORTED
-        run_me = download / "out" / "run-me.sh"
-        assert run_me.read_bytes() == RUN_ME
-        assert os.access(run_me, os.X_OK)
-        ran = subprocess.run([str(run_me)], capture_output=True, timeout=30)
-        assert ran.stdout == b"3 words\n", ran
+        return run_command(bgd_venv, grid, source, download, instance,
+                           ["--remote", f"http://{grid.endpoint}"], *options)
 
     first = execute(tmp_path / "first", "--enable-action-cache")
     assert not first.cached_result
-    check(first, tmp_path / "first")
+    check(grid, instance, first, tmp_path / "first")
 
     cached = execute(tmp_path / "cached", "--enable-action-cache")
     assert cached.cached_result, cached
     assert cached.result == first.result
-    check(cached, tmp_path / "cached")
+    check(grid, instance, cached, tmp_path / "cached")
 
     # Without -c bgd asks for a fresh execution (skip_cache_lookup, do_not_cache).
     fresh = execute(tmp_path / "fresh")
     assert not fresh.cached_result
-    check(fresh, tmp_path / "fresh")
+    check(grid, instance, fresh, tmp_path / "fresh")
+
+
+def test_bgd_executes_over_tls_with_an_auth_token(
+        tmp_path: Path, bgd_venv: Path, secure_grid: UpProcess) -> None:
+    """`--server-cert` (the grid's CA) and `--auth-token` (a file holding the client
+    token that `up --secure` made) on a `buildfleet up --secure` grid."""
+    source = tmp_path / "input-root"
+    make_input_root(source)
+    (source / "data" / "salt").write_bytes(os.urandom(16))
+    secure = secure_grid.data_dir / "secure"
+    connection = ["--remote", f"https://{secure_grid.endpoint}",
+                  "--server-cert", str(secure / "ca.pem"),
+                  "--auth-token", str(secure / "client.token")]
+    response = run_command(bgd_venv, secure_grid, source, tmp_path / "out", "", connection,
+                           "--enable-action-cache")
+    assert not response.cached_result
+    check(secure_grid, "", response, tmp_path / "out", ca=secure / "ca.pem",
+          token=(secure / "client.token").read_text().strip())
+
+    # Without the token the grid refuses bgd.
+    refused = run_bgd(bgd_venv, "execute", *connection[:4], "command", "-p", "OSFamily",
+                      "linux", str(source), "./bin/process.sh", "data/words.txt")
+    assert "UNAUTHENTICATED" in refused.stderr + refused.stdout, (refused.stdout,
+                                                                  refused.stderr)
+
+
+def run_command(bgd_venv: Path, grid: UpProcess, source: Path, download: Path,
+                instance: str, connection: list[str], *options: str) -> re_pb2.ExecuteResponse:
+    args = ["execute", *connection]
+    if instance:
+        args += ["--instance-name", instance]
+    args += ["command", "--output-file", "out/sorted.txt", "--output-file", "out/run-me.sh",
+             "--output-directory", str(download), "-p", "OSFamily", "linux", *options,
+             str(source), "./bin/process.sh", "data/words.txt"]
+    result = run_bgd(bgd_venv, *args)
+    report = (f"bgd exited {result.returncode}\nstdout:\n{result.stdout}\n"
+              f"stderr:\n{result.stderr}\ngrid:\n{grid.report()}")
+    assert result.returncode == 0, report
+    assert "Error" not in result.stderr, report
+    response = final_response(result.stdout)
+    assert response.status.code == 0, (response, report)
+    assert response.result.exit_code == 0, (response, report)
+    return response
+
+
+def check(grid: UpProcess, instance: str, response: re_pb2.ExecuteResponse, download: Path,
+          *, ca: Path | None = None, token: str | None = None) -> None:
+    result = response.result
+    stdout = (read_blob(grid.endpoint, instance, result.stdout_digest, ca=ca, token=token)
+              if result.HasField("stdout_digest") else result.stdout_raw)
+    assert stdout == STDOUT
+    assert "-bot" in result.execution_metadata.worker
+    assert {f.path: f.is_executable for f in result.output_files} == {
+        "out/sorted.txt": False, "out/run-me.sh": True}
+    assert (download / "out" / "sorted.txt").read_bytes() == SORTED
+    run_me = download / "out" / "run-me.sh"
+    assert run_me.read_bytes() == RUN_ME
+    assert os.access(run_me, os.X_OK)
+    ran = subprocess.run([str(run_me)], capture_output=True, timeout=30)
+    assert ran.stdout == b"3 words\n", ran

@@ -588,13 +588,15 @@ class Call:
     method: MethodDescriptor
     body: Any  # Message | list[Message] | bytes | list[bytes]
     raw: bool = False
+    metadata: tuple[tuple[str, str | bytes], ...] = ()  # sent with the call
 
     def __repr__(self) -> str:
         return f"Call({self.describe(300)})"
 
     def describe(self, limit: int = 600) -> str:
         text = repr(self.body) if self.raw else str(self.body)
-        return f"{method_path(self.method)} {'raw ' if self.raw else ''}{text[:limit]}"
+        sent = f" metadata {self.metadata!r:.300}" if self.metadata else ""
+        return f"{method_path(self.method)} {'raw ' if self.raw else ''}{text[:limit]}{sent}"
 
 
 class RequestStrategies:
@@ -712,6 +714,8 @@ class Harness:
     samples: dict[tuple[str, str], str] = field(default_factory=dict)  # a message per kind
     sent: int = 0
     alive: Callable[[], bool] = lambda: True
+    # TLS (and whatever call credentials they carry); plaintext without them.
+    credentials: grpc.ChannelCredentials | None = None
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -721,10 +725,13 @@ class Harness:
         self.channel: grpc.aio.Channel = self.run(self._open())
 
     async def _open(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.address, options=[
+        options = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ])
+        ]
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.address, self.credentials, options=options)
+        return grpc.aio.insecure_channel(self.address, options=options)
 
     def run(self, coroutine: Awaitable[T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
@@ -783,19 +790,21 @@ class Harness:
         channel = self.channel
         harvest = None if call.raw or self.pool is None else _HARVEST.get(method.name)
         deserializer = None if harvest is None else message_class(method.output_type).FromString
+        metadata = grpc.aio.Metadata(*call.metadata) if call.metadata else None
         try:
             if method.client_streaming:
                 stub = channel.stream_unary(path, request_serializer=serializer)
-                await stub(_aiter(call.body), timeout=timeout)
+                await stub(_aiter(call.body), timeout=timeout, metadata=metadata)
             elif method.server_streaming:
                 return await self._read_stream(
                     channel.unary_stream(path, request_serializer=serializer,
                                          response_deserializer=deserializer)(
-                        call.body, timeout=timeout), method.name, harvest, self.pool)
+                        call.body, timeout=timeout, metadata=metadata), method.name, harvest,
+                    self.pool)
             else:
                 response = await channel.unary_unary(
                     path, request_serializer=serializer, response_deserializer=deserializer)(
-                    call.body, timeout=timeout)
+                    call.body, timeout=timeout, metadata=metadata)
                 if harvest is not None and self.pool is not None:
                     harvest(self.pool, call.body, response)
         except grpc.aio.AioRpcError as error:
