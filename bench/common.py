@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -84,7 +83,7 @@ def secure_settings(roles: list[str]) -> Iterator[tuple[str, dict[str, Credentia
     """TLS and bearer-token settings for a benchmark server (a YAML fragment for its
     configuration), and per role the credentials of a client holding that role."""
     from buildfleet.auth.pki import issue, new_ca
-    from buildfleet.auth.tokens import new_token
+    from buildfleet.auth.tokens import digest, new_token
 
     with tempfile.TemporaryDirectory(prefix="buildfleet-bench-keys-") as tmp:
         root = Path(tmp)
@@ -93,7 +92,7 @@ def secure_settings(roles: list[str]) -> Iterator[tuple[str, dict[str, Credentia
             root / "server.pem", root / "server.key")
         tokens = {role: new_token() for role in roles}
         (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
-            {"sha256": hashlib.sha256(token.encode()).hexdigest(),
+            {"sha256": digest(token),
              "principal": f"bench-{role}", "grants": [role]}
             for role, token in tokens.items()]}))
         settings = yaml.safe_dump({
