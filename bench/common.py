@@ -61,13 +61,20 @@ class Credentials:
     """What a client of a secure benchmark server presents: the CA to trust, a token."""
 
     ca_pem: bytes
-    token: str
+    token: str | None  # None: TLS only
+
+    def get(self) -> str:
+        assert self.token is not None
+        return self.token
 
     def channel(self, address: str, options: list[tuple[str, object]]) -> grpc.aio.Channel:
-        credentials = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(root_certificates=self.ca_pem),
-            grpc.access_token_call_credentials(self.token))
-        return grpc.aio.secure_channel(address, credentials, options=options)
+        """A TLS channel sending the token the way `buildfleet bot` does."""
+        from buildfleet.client.credentials import bearer_interceptors
+
+        return grpc.aio.secure_channel(
+            address, grpc.ssl_channel_credentials(root_certificates=self.ca_pem),
+            options=options,
+            interceptors=bearer_interceptors(self) if self.token is not None else None)
 
 
 def channel(address: str, credentials: Credentials | None,
@@ -79,9 +86,11 @@ def channel(address: str, credentials: Credentials | None,
 
 
 @contextlib.contextmanager
-def secure_settings(roles: list[str]) -> Iterator[tuple[str, dict[str, Credentials]]]:
+def secure_settings(roles: list[str], *, tokens: bool = True
+                    ) -> Iterator[tuple[str, dict[str, Credentials]]]:
     """TLS and bearer-token settings for a benchmark server (a YAML fragment for its
-    configuration), and per role the credentials of a client holding that role."""
+    configuration), and per role the credentials of a client holding that role.
+    Without `tokens`: TLS only, no authentication (to tell the two costs apart)."""
     from buildfleet.auth.pki import issue, new_ca
     from buildfleet.auth.tokens import digest, new_token
 
@@ -90,15 +99,18 @@ def secure_settings(roles: list[str]) -> Iterator[tuple[str, dict[str, Credentia
         ca = new_ca()
         issue(ca, "bench server", server_names=["localhost", "127.0.0.1"]).write(
             root / "server.pem", root / "server.key")
-        tokens = {role: new_token() for role in roles}
+        made = {role: new_token() for role in roles}
         (root / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
             {"sha256": digest(token),
              "principal": f"bench-{role}", "grants": [role]}
-            for role, token in tokens.items()]}))
-        settings = yaml.safe_dump({
-            "tls": {"cert": str(root / "server.pem"), "key": str(root / "server.key")},
-            "auth": {"tokens-file": str(root / "tokens.yaml")}})
-        yield settings, {role: Credentials(ca.cert_pem, token) for role, token in tokens.items()}
+            for role, token in made.items()]}))
+        config: dict[str, object] = {
+            "tls": {"cert": str(root / "server.pem"), "key": str(root / "server.key")}}
+        if tokens:
+            config["auth"] = {"tokens-file": str(root / "tokens.yaml")}
+        yield yaml.safe_dump(config), {
+            role: Credentials(ca.cert_pem, token if tokens else None)
+            for role, token in made.items()}
 
 
 def rss_mib(pid: int) -> float:

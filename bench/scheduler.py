@@ -15,6 +15,7 @@ wall-clock figures.
     python bench/scheduler.py --target 127.0.0.1:50051 ...   # an existing server
     python bench/scheduler.py --target 127.0.0.1:50051 --server-pid 1234 ...
     python bench/scheduler.py --secure ...   # TLS, bots and clients with bearer tokens
+    python bench/scheduler.py --tls-only ... # TLS without authentication
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ async def run_clients(address: str, instance: str, args: argparse.Namespace,
         cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in cpu_pids.items()}
     figures: dict[str, object] = {
         "actions": args.actions, "bots": args.bots, "clients": args.clients,
-        "secure": credentials is not None,
+        "secure": "plaintext" if credentials is None else (
+            "tls" if credentials.token is None else "tls+token"),
         "completed": len(latencies), "seconds": round(elapsed, 3),
         "upload_seconds": round(upload_seconds, 3),
         "actions_per_s": round(len(latencies) / elapsed, 1),
@@ -245,9 +247,15 @@ def main() -> int:
     parser.add_argument("--secure", action="store_true",
                         help="spawn the server with TLS and bearer tokens (a `bot` token "
                              "for the bots, an `execute` token for the clients)")
+    parser.add_argument("--tls-only", action="store_true",
+                        help="spawn the server with TLS but no authentication (with "
+                             "--secure and plaintext runs, this separates the cost of TLS "
+                             "from that of checking credentials)")
     args = parser.parse_args()
-    if args.secure and args.target:
-        parser.error("--secure spawns its own server: it does not go with --target")
+    if (args.secure or args.tls_only) and args.target:
+        parser.error("--secure and --tls-only spawn their own server: not with --target")
+    if args.secure and args.tls_only:
+        parser.error("--secure and --tls-only exclude each other")
     tokens: dict[str, Credentials] = {}
 
     def run(address: str, server_pid: int | None) -> dict[str, object]:
@@ -284,8 +292,8 @@ def main() -> int:
 
     if args.target:
         figures = run(args.target, args.server_pid)
-    elif args.secure:
-        with secure_settings(["bot", "execute"]) as (settings, credentials), \
+    elif args.secure or args.tls_only:
+        with secure_settings(["bot", "execute"], tokens=args.secure) as (settings, credentials), \
                 spawned_server(config=settings) as (address, process):
             tokens.update(credentials)
             figures = run(address, process.pid)

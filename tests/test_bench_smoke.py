@@ -51,3 +51,13 @@ def test_fuzz_benchmark_runs_without_problems() -> None:
     figures = run_benchmark("fuzz.py", "--requests", "300", "--seed", "1")
     assert figures["problems"] == 0 and figures["server_alive"] is True
     assert figures["stored_data_intact"] is True
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["--secure", "--tls-only"])
+def test_scheduler_benchmark_runs_over_tls(mode: str) -> None:
+    figures = run_benchmark("scheduler.py", "--bots", "2", "--clients", "2", "--actions", "20",
+                            mode)
+    assert figures["secure"] == {"--secure": "tls+token", "--tls-only": "tls"}[mode]
+    assert figures["completed"] == 20
+    assert figures["errors"] == 0 and figures["wrong_results"] == 0

@@ -63,8 +63,9 @@ class Grant(Model):
         return value
 
     def allows(self, role: Role, instance: str, bot_id: str | None = None) -> bool:
-        return (role in INCLUDES[self.role] and fnmatchcase(instance, self.instances)
-                and (bot_id is None or fnmatchcase(bot_id, self.bot_ids)))
+        return (role in INCLUDES[self.role]
+                and (self.instances == "*" or fnmatchcase(instance, self.instances))
+                and (bot_id is None or self.bot_ids == "*" or fnmatchcase(bot_id, self.bot_ids)))
 
     def __str__(self) -> str:
         text = f"{self.role.value}:{self.instances}"

@@ -98,6 +98,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, audit: Audit) -> None:
         self.authenticator = authenticator
         self.audit = audit
+        # method -> (the service's handler, its guarded wrapper): made once per method,
+        # not per call (the services return the same handler object every time)
+        self._guarded_handlers: dict[str, tuple[grpc.RpcMethodHandler,
+                                                grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -107,17 +111,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method  # type: ignore[attr-defined]
         if handler is None or method in OPEN:
             return handler
-        return self._guarded(handler, method, RULES.get(method))
+        known = self._guarded_handlers.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guarded(handler, method, RULES.get(method))
+        self._guarded_handlers[method] = (handler, guarded)
+        return guarded
 
     def _admit(self, method: str, rule: Rule | None, request: Any,
                context: grpc.aio.ServicerContext) -> Principal:
         """The caller's principal; raises the refusal (UNAUTHENTICATED, PERMISSION_DENIED)."""
-        peer = context.peer()
         try:
             principal = self.authenticator.authenticate(context.invocation_metadata() or (),
-                                                        context.auth_context())
+                                                        context.auth_context)
         except Unauthenticated as error:
-            self.audit.refused("an unauthenticated peer", str(error), method, peer)
+            self.audit.refused("an unauthenticated peer", str(error), method, context.peer())
             raise _Refusal(grpc.StatusCode.UNAUTHENTICATED,
                            f"{error}; this server accepts {self.authenticator.accepts()}"
                            ) from None
@@ -138,7 +146,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 where += f" for bot id {bot_id!r}"
             reason = f"principal {principal.name!r} may not call {method}: it needs one " \
                      f"of the roles {needed} on {where}"
-            self.audit.refused(f"principal {principal.name!r}", reason, method, peer)
+            self.audit.refused(f"principal {principal.name!r}", reason, method, context.peer())
             raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, reason)
         return principal
 
