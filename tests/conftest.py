@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from botprocess import BotProcess, SpawnBot
 from pgkit import StoreBackend, postgres_schema, store_backend
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (
@@ -149,3 +150,31 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path
     """Each scheduler store backend in turn (tests/pgkit.py StoreBackend)."""
     async with store_backend(request.param, tmp_path) as chosen:
         yield chosen
+
+
+@pytest.fixture
+async def spawn_bot(start_server: StartServer, tmp_path: Path) -> AsyncIterator[SpawnBot]:
+    """Factory: `spawn_bot(address, *extra_args, bot_id=..., sandbox="none")` -> a running
+    `buildfleet bot` process.  The bot tests that are not about the sandbox run
+    unsandboxed (their commands write to the test's directory); tests/test_sandbox.py
+    passes `sandbox="bwrap"`.
+
+    Depends on `start_server` so that bots are stopped before the servers."""
+    bots: list[BotProcess] = []
+
+    def spawn(address: str, *extra: str, bot_id: str | None = None,
+              work_dir: Path | None = None, sandbox: str = "none",
+              env: dict[str, str] | None = None) -> BotProcess:
+        index = len(bots)
+        bot_id = bot_id or f"bot{index}-{os.getpid()}"
+        work = work_dir or tmp_path / f"bot{index}"
+        args = ["--server", f"grpc://{address}", "--bot-id", bot_id, "--work-dir", str(work),
+                "--poll-timeout", "10", "--reconnect-max-delay", "0.5", "--sandbox", sandbox,
+                *extra]
+        bot = BotProcess(args, tmp_path / f"bot{index}.log", bot_id, work, env)
+        bots.append(bot)
+        return bot
+
+    yield spawn
+    for bot in bots:
+        bot.kill()

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandboxkit import require_sandbox
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -61,3 +62,11 @@ def test_scheduler_benchmark_runs_over_tls(mode: str) -> None:
     assert figures["secure"] == {"--secure": "tls+token", "--tls-only": "tls"}[mode]
     assert figures["completed"] == 20
     assert figures["errors"] == 0 and figures["wrong_results"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_sandbox_benchmark_runs_both_modes() -> None:
+    require_sandbox()
+    figures = run_benchmark("sandbox.py", "--actions", "5", "--rounds", "1")
+    assert isinstance(figures["bwrap_execution_ms"], float)
+    assert isinstance(figures["none_execution_ms"], float)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from botkit import Client, stdout_is
 from procutil import run_buildfleet
+from sandboxkit import REQUIRED, sandbox_problem
 from upprocess import UpProcess, alive, wait_until
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
@@ -35,7 +36,8 @@ async def _execute(address: str, *arguments: str, instance: str = "") -> re_pb2.
 
 
 def test_up_prints_flags_runs_actions_and_stops_cleanly(tmp_path: Path) -> None:
-    with UpProcess.start(tmp_path, bots=2) as up:
+    # unsandboxed, so that the action can show the test when it is running (a file)
+    with UpProcess.start(tmp_path, bots=2, extra_args=["--sandbox", "none"]) as up:
         flags = up.bazel_flags()
         assert f"--remote_executor=grpc://{up.endpoint}" in flags, up.stdout()
         assert f"--remote_default_exec_properties=OSFamily={OS_FAMILY}" in flags, up.stdout()
@@ -177,3 +179,17 @@ def test_up_secure_makes_credentials_once_and_serves_only_with_them(tmp_path: Pa
         assert any(token in flag for flag in again.bazel_flags())
         response = asyncio.run(run(added.stdout.strip(), again.endpoint))
         assert response.status.code == 0 and response.result.exit_code == 0, response
+
+
+def test_up_runs_actions_in_the_sandbox_when_it_works(tmp_path: Path) -> None:
+    from buildfleet.worker.sandbox import SANDBOX_ROOT
+
+    sandboxed = sandbox_problem() is None
+    assert sandboxed or not REQUIRED, sandbox_problem()
+    with UpProcess.start(tmp_path, bots=1) as up:
+        response = asyncio.run(_execute(up.endpoint, "pwd"))
+        assert response.result.exit_code == 0, response
+        in_sandbox = stdout_is(response.result, f"{SANDBOX_ROOT}\n".encode())
+        assert in_sandbox == sandboxed, up.report()
+        if not sandboxed:
+            assert "unsandboxed" in up.report()

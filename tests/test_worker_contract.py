@@ -20,8 +20,8 @@ from typing import Any
 
 import grpc
 import pytest
+from botprocess import BotProcess, Remote, pid_alive, read_pid, wait_for
 from google.protobuf.any_pb2 import Any as AnyProto
-from test_bot import BotProcess, Remote, pid_alive, read_pid, wait_for
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
@@ -147,7 +147,8 @@ async def test_bot_follows_the_buildgrid_conventions(start_server: Any, tmp_path
     remote = Remote(cas_server.channel)
     bot = BotProcess(["--server", f"grpc://{address}", "--cas", f"grpc://{cas_server.address}",
                       "--bot-id", "contract-bot", "--work-dir", str(tmp_path / "bot"),
-                      "--poll-timeout", "5", "--reconnect-max-delay", "0.3"],
+                      "--poll-timeout", "5", "--reconnect-max-delay", "0.3",
+                      "--sandbox", "none"],
                      tmp_path / "bot.log", "contract-bot", tmp_path / "bot")
     try:
         await bot.registered()

@@ -258,3 +258,33 @@ def test_materialise_lays_out_tree_and_output_parents(tmp_path: Path) -> None:
     assert (root / "f").stat().st_mode & 0o777 == 0o444
     assert os.readlink(root / "l") == "a/c/tool"
     assert (root / "f").stat().st_ino == cache.path((FILE, False)).stat().st_ino
+
+
+def test_outputs_may_climb_out_of_the_working_directory_but_not_the_input_root() -> None:
+    """BuildStream's whole-system actions name their install root from a deep working
+    directory: allowed while the path stays inside the input root."""
+    outputs = check_command(re_pb2.Command(
+        arguments=["true"], working_directory="a/b/c",
+        output_paths=["../../../buildstream-install", "../x/./y"]))
+    assert outputs.paths == ["../../../buildstream-install", "../x/y"]
+    for escaping in ("../../../../x", "../../../.."):
+        with pytest.raises(InvalidArgument, match="outside the input root"):
+            check_command(re_pb2.Command(arguments=["true"], working_directory="a/b/c",
+                                         output_paths=[escaping]))
+    with pytest.raises(InvalidArgument, match="input root itself"):
+        check_command(re_pb2.Command(arguments=["true"], working_directory="a",
+                                     output_files=[".."]))
+
+
+def test_climbing_outputs_follow_real_directories_not_the_spelling(tmp_path: Path) -> None:
+    """An output's `..` climbs from where the command really runs: through a symlinked
+    working directory that is one level deep, `../..` would leave the input root."""
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "a").mkdir()
+    (root / "a" / "link").symlink_to("../real")
+    fine = safe_makedirs(root, "../made", root / "a" / "link")
+    assert fine == root / "made" and fine.is_dir()
+    with pytest.raises(InvalidArgument, match="outside the input root"):
+        safe_makedirs(root, "../../escaped", root / "real")
+    assert not (tmp_path / "escaped").exists()

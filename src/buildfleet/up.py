@@ -163,7 +163,7 @@ class Grid:
 
     def __init__(self, config: ServerConfig, *, bots: int, instances: Sequence[str] = (),
                  drain_timeout: float = 60.0, bot_log_level: str = "info",
-                 secure: SecureGrid | None = None) -> None:
+                 secure: SecureGrid | None = None, sandbox: str = "auto") -> None:
         from buildfleet.server.app import BuildfleetServer
 
         if bots < 0:
@@ -182,6 +182,7 @@ class Grid:
         self.secure = secure
         self.drain_timeout = drain_timeout
         self.bot_log_level = bot_log_level
+        self.sandbox = sandbox  # auto: decided at start
         self.endpoint = ""
         self.slots: list[BotSlot] = []
         self._stopping = asyncio.Event()
@@ -199,6 +200,8 @@ class Grid:
             raise
         host, _ = parse_listen_address(self.config.addresses()[0])
         self.endpoint = connect_address(f"{host}:{ports[0]}")
+        if self.slots or self.bots_per_instance:
+            self.sandbox = await self._choose_sandbox()
         bots_dir = self.config.data_dir / "bots"
         host_name = _slug(socket.gethostname() or "local")
         index = 0
@@ -214,6 +217,18 @@ class Grid:
             self._supervisors.append(asyncio.create_task(self._supervise(slot),
                                                          name=f"bot {slot.bot_id}"))
 
+    async def _choose_sandbox(self) -> str:
+        if self.sandbox != "auto":
+            return self.sandbox
+        from buildfleet.worker.sandbox import SandboxConfig, SandboxUnusable, check_bwrap
+
+        try:
+            await asyncio.to_thread(check_bwrap, SandboxConfig())
+        except SandboxUnusable as error:
+            log.warning("the bots run actions unsandboxed: %s", error)
+            return "none"
+        return "bwrap"
+
     def _bot_command(self, slot: BotSlot) -> list[str]:
         scheme = "grpc" if self.secure is None else "grpcs"
         credentials = [] if self.secure is None else [
@@ -224,6 +239,7 @@ class Grid:
                "--bot-id", slot.bot_id,
                "--work-dir", str(slot.work_dir),
                "--drain-timeout", f"{self.drain_timeout:g}",
+               "--sandbox", "bwrap" if self.sandbox == "auto" else self.sandbox,
                "--log-level", self.bot_log_level]
         return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *bot]
 
@@ -378,11 +394,12 @@ class Grid:
 
 async def run_up(config: ServerConfig, *, bots: int, instances: Sequence[str] = (),
                  drain_timeout: float = 60.0, ready_timeout: float = READY_TIMEOUT,
-                 out: TextIO | None = None, secure: SecureGrid | None = None) -> int:
+                 out: TextIO | None = None, secure: SecureGrid | None = None,
+                 sandbox: str = "auto") -> int:
     """Bring the grid up, print how to use it, run until SIGTERM/SIGINT; exit code."""
     stream = out if out is not None else sys.stdout
     grid = Grid(config, bots=bots, instances=instances, drain_timeout=drain_timeout,
-                secure=secure)
+                secure=secure, sandbox=sandbox)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, grid.request_stop, signum)
@@ -437,11 +454,15 @@ async def run_up(config: ServerConfig, *, bots: int, instances: Sequence[str] = 
               help="TLS and tokens: make (once, in DATA_DIR/secure) a private CA, a server "
                    "certificate and tokens for the bots and for clients, and print the "
                    "Bazel flags that use them.")
+@click.option("--sandbox", "sandbox", default="auto", show_default=True,
+              type=click.Choice(["auto", "bwrap", "none"]),
+              help="How the bots run actions: in a bubblewrap sandbox (auto: when it works "
+                   "on this machine, else unsandboxed with a warning) or unsandboxed.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def up(bots: int | None, listen: tuple[str, ...], data_dir: Path | None,
        config_file: Path | None, instances: tuple[str, ...], drain_timeout: float,
-       secure: bool, log_level: str) -> None:
+       secure: bool, sandbox: str, log_level: str) -> None:
     """Start a whole grid: the server and local bots, until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=getattr(logging, log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -459,7 +480,7 @@ def up(bots: int | None, listen: tuple[str, ...], data_dir: Path | None,
     count = bots if bots is not None else (os.cpu_count() or 1)
     try:
         code = asyncio.run(run_up(config, bots=count, instances=instances,
-                                  drain_timeout=drain_timeout, secure=files))
+                                  drain_timeout=drain_timeout, secure=files, sandbox=sandbox))
     except (UpError, ConfigError, OSError) as error:
         raise click.ClickException(str(error)) from None
     sys.exit(code)

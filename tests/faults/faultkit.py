@@ -99,7 +99,8 @@ class BotProcess:
         work_dir.parent.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "buildfleet", "bot", "--server", f"grpc://{address}",
                 "--bot-id", bot_id, "--work-dir", str(work_dir), "--poll-timeout", "5",
-                "--reconnect-max-delay", "0.5", "--health-interval", "60", *extra]
+                "--reconnect-max-delay", "0.5", "--health-interval", "60",
+                "--sandbox", "none", *extra]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT,

@@ -2,12 +2,8 @@
 
 `bgd` (from the `buildgrid` package on PyPI) needs Python >= 3.12, newer than the
 project's own interpreter, so the test builds it a virtual environment of its own
-in a cache outside the repository (``~/.cache/buildfleet-tests/bgd-venv-VERSION``,
-or under $XDG_CACHE_HOME), reused while it works.  The environment is built in a
-temporary directory next to that path and renamed into place, so parallel runs do
-not see a half-built one; because a renamed venv's console scripts keep their old
-``#!`` line, `bgd` is run as ``VENV/bin/python -c 'from buildgrid.server.app import
-cli; cli()'``.
+(tests/venvkit.py), and runs it as ``VENV/bin/python -c 'from buildgrid.server.app
+import cli; cli()'``.
 
 The test uploads a directory tree with ``bgd cas upload-dir`` to a real
 ``buildfleet serve`` process and downloads it again with ``bgd cas download-dir``:
@@ -19,16 +15,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
-from procutil import ServeProcess, find_python
+from procutil import ServeProcess
+from venvkit import PinnedClient, ensure_venv, venv_python
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (
     remote_execution_pb2 as re_pb2,
@@ -53,69 +48,13 @@ _PUSHED = re.compile(r"^Success: Pushed path=\[(?P<path>.*)\] with digest=\[(?P<
 
 # -- the bgd environment -------------------------------------------------------------
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "buildfleet-tests"
-
-
-def _venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def _venv_works(venv: Path) -> bool:
-    """Whether `venv` has buildgrid at the wanted version and its CLI imports."""
-    python = _venv_python(venv)
-    if not python.exists():
-        return False
-    check = ("import importlib.metadata as m, buildgrid.server.app; "
-             "print(m.version('buildgrid'))")
-    try:
-        result = subprocess.run([str(python), "-c", check], capture_output=True, text=True,
-                                timeout=120, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return result.returncode == 0 and result.stdout.strip() == BUILDGRID_VERSION
-
-
-def _run_setup(command: list[str], what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        pytest.fail(f"{what} failed ({result.returncode}): {' '.join(command)}\n"
-                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+BGD = PinnedClient("buildgrid", BUILDGRID_VERSION, "buildgrid.server.app", MIN_PYTHON,
+                   name="bgd")
 
 
 def ensure_bgd_venv() -> Path:
     """A virtual environment with buildgrid==BUILDGRID_VERSION; built once, then reused."""
-    final = _cache_root() / f"bgd-venv-{BUILDGRID_VERSION}"
-    if _venv_works(final):
-        return final
-    python = find_python(*MIN_PYTHON)
-    if python is None:
-        pytest.skip(f"bgd (buildgrid {BUILDGRID_VERSION}) needs Python >= "
-                    f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]}; none found on PATH or under pyenv")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{final.name}-building-", dir=final.parent))
-    building.chmod(0o755)
-    try:
-        _run_setup([python, "-m", "venv", str(building)], "creating the bgd venv")
-        _run_setup([str(_venv_python(building)), "-m", "pip", "install",
-                    "--disable-pip-version-check", "--quiet", f"buildgrid=={BUILDGRID_VERSION}"],
-                   f"pip install buildgrid=={BUILDGRID_VERSION}")
-        if not _venv_works(building):
-            pytest.fail(f"buildgrid {BUILDGRID_VERSION} installed in {building} does not import")
-        if final.exists() and not _venv_works(final):
-            shutil.rmtree(final, ignore_errors=True)  # a broken leftover
-        try:
-            building.rename(final)
-        except OSError:
-            if not _venv_works(final):  # not another run winning the race: a real error
-                raise
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    if not _venv_works(final):
-        pytest.fail(f"the bgd venv at {final} does not work after creation")
-    return final
+    return ensure_venv(BGD)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +64,7 @@ def bgd_venv() -> Path:
 
 def run_bgd(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDGRID_")}
-    return subprocess.run([str(_venv_python(venv)), "-c", _BGD_MAIN, *args],
+    return subprocess.run([str(venv_python(venv)), "-c", _BGD_MAIN, *args],
                           capture_output=True, text=True, timeout=BGD_TIMEOUT,
                           stdin=subprocess.DEVNULL, env=env)
 

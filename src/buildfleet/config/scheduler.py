@@ -39,6 +39,9 @@ class SchedulerConfig(Model):
     completed_retention: float = Field(default=3600.0, gt=0)  # keep finished operations
     cache_failed_results: bool = False  # also cache results with a non-zero exit code
     bot_label_key: str = "OSFamily"  # property that labels bots in metrics
+    # Platform properties that tell the bot how to run an action (its limits), not
+    # which bots may: left out of matching, passed to the bot with the action.
+    hint_properties: list[str] = Field(default_factory=lambda: ["memory", "pids"])
     housekeeping_interval: float = Field(default=1.0, gt=0, le=60)
 
     @model_validator(mode="after")

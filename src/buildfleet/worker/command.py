@@ -68,6 +68,23 @@ def _bytes(value: str, option: str) -> int:
               help="PEM private key of --client-cert.")
 @click.option("--token-file", type=click.Path(path_type=Path), default=None,
               help="A file holding a bearer token for every call; re-read when it changes.")
+@click.option("--sandbox", "sandbox_kind", default="bwrap", show_default=True,
+              type=click.Choice(["bwrap", "chroot", "none"]),
+              help="Run each action in a bubblewrap sandbox (checked at start-up), in one "
+                   "whose / is the action's input root (chroot: whole-system actions such as "
+                   "BuildStream's), or unsandboxed (none).")
+@click.option("--allow-network", is_flag=True,
+              help="Give actions that ask for it (platform property network=on) the "
+                   "network; advertises network=on.  Others never have it.")
+@click.option("--sandbox-path", "sandbox_paths", multiple=True, metavar="PATH",
+              help="Another host path visible read-only in the sandbox (repeatable), "
+                   "besides /usr, /bin, /sbin, /lib* and /etc.")
+@click.option("--memory-limit", default=None, metavar="BYTES",
+              help="Memory each action may use (and the most one may ask for with the "
+                   "platform property memory=...); default: unlimited.")
+@click.option("--pids-limit", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Processes each action may have at once (and the most one may ask for "
+                   "with pids=...); default: unlimited.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
@@ -75,7 +92,9 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         cache_size: str, drain_timeout: float, default_timeout: float, poll_timeout: float,
         min_free_space: str, health_interval: float, allow_outside_symlinks: bool,
         reconnect_max_delay: float, tls_ca: Path | None, client_cert: Path | None,
-        client_key: Path | None, token_file: Path | None, log_level: str) -> None:
+        client_key: Path | None, token_file: Path | None, sandbox_kind: str,
+        allow_network: bool, sandbox_paths: tuple[str, ...], memory_limit: str | None,
+        pids_limit: int | None, log_level: str) -> None:
     """Run a bot: take leases from the server, run them, report the results."""
     from buildfleet.client.credentials import ClientCredentials
     from buildfleet.worker.config import (
@@ -85,6 +104,8 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         parse_server,
         with_defaults,
     )
+    from buildfleet.worker.limits import Limits
+    from buildfleet.worker.sandbox import Kind, SandboxConfig, advertised
     from buildfleet.worker.session import BotError, run_bot
 
     logging.basicConfig(level=getattr(logging, log_level.upper()),
@@ -100,6 +121,18 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         credentials.check()
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+    for path in sandbox_paths:
+        if not path.startswith("/"):
+            raise click.BadParameter(f"{path!r} is not an absolute path",
+                                     param_hint="--sandbox-path")
+    # Nothing of the bot's own is visible to actions, wherever it lies.
+    hidden = tuple(p.resolve() for p in (work_dir, cache_dir, tls_ca, client_cert, client_key,
+                                         token_file, Path.home()) if p is not None)
+    sandbox = SandboxConfig(Kind(sandbox_kind), allow_network=allow_network,
+                            extra_paths=sandbox_paths, hidden=hidden)
+    # The sandbox's properties are the bot's to state: they replace any given.
+    own = dict(advertised(sandbox))
+    pairs = [(key, value) for key, value in pairs if key not in own] + list(own.items())
     config = BotConfig(
         server=server, cas=cas, instance=instance, bot_id=bot_id or default_bot_id(),
         properties=with_defaults(pairs), concurrency=concurrency, work_dir=work_dir,
@@ -107,7 +140,9 @@ def bot(server: str, cas: str | None, instance: str, bot_id: str | None,
         drain_timeout=drain_timeout, default_timeout=default_timeout,
         poll_timeout=poll_timeout, min_free_space=_bytes(min_free_space, "--min-free-space"),
         health_interval=health_interval, allow_outside_symlinks=allow_outside_symlinks,
-        reconnect_max_delay=reconnect_max_delay, credentials=credentials)
+        reconnect_max_delay=reconnect_max_delay, credentials=credentials, sandbox=sandbox,
+        limits=Limits(memory=_bytes(memory_limit, "--memory-limit") if memory_limit else None,
+                      pids=pids_limit))
     try:
         code = asyncio.run(run_bot(config))
     except BotError as error:

@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 
 from buildfleet.client.credentials import ClientCredentials
+from buildfleet.worker.limits import Limits
+from buildfleet.worker.sandbox import SandboxConfig
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -111,6 +113,8 @@ class BotConfig:
     reconnect_max_delay: float = 10.0  # cap of the reconnection backoff, seconds
     final_update_timeout: float = 10.0  # how long a stopping bot tries to deliver results
     credentials: ClientCredentials = field(default_factory=ClientCredentials)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # default: none
+    limits: Limits = field(default_factory=Limits)  # per action (and the most one may ask)
 
     @property
     def actions_dir(self) -> Path:

@@ -193,19 +193,46 @@ def _resolve(base: list[str], target: str, links: Mapping[tuple[str, ...], str],
     return current
 
 
-def normalise(path: str, what: str, *, allow_empty: bool) -> str:
-    """A relative path without '.', '..' or empty segments; InvalidArgument otherwise."""
+def _relative(path: str, what: str, *, allow_empty: bool) -> str | None:
+    """`path` normalised, after the checks every relative path passes; None for the
+    directory itself ("" or ".") where that is allowed."""
     if "\0" in path:
         raise InvalidArgument(f"{what} {path!r} contains a NUL byte")
     if path.startswith("/"):
         raise InvalidArgument(f"{what} {path!r} is absolute; it must be relative")
     if path in ("", "."):
         if allow_empty:
-            return ""
+            return None
         raise InvalidArgument(f"{what} is empty")
-    normal = posixpath.normpath(path)
-    if normal == ".." or normal.startswith("../"):
+    return posixpath.normpath(path)
+
+
+def _climbs(normal: str) -> bool:
+    return normal == ".." or normal.startswith("../")
+
+
+def normalise(path: str, what: str, *, allow_empty: bool) -> str:
+    """A relative path without '.', '..' or empty segments; InvalidArgument otherwise."""
+    normal = _relative(path, what, allow_empty=allow_empty)
+    if normal is None:
+        return ""
+    if _climbs(normal):
         raise InvalidArgument(f"{what} {path!r} leads outside its directory")
+    return "" if normal == "." else normal
+
+
+def output_path(path: str, working: str, what: str, *, allow_empty: bool) -> str:
+    """An output path, relative to the working directory `working`, normalised.  It may
+    climb out of the working directory (`../../install`, as BuildStream's whole-system
+    actions do) as long as it stays inside the input root."""
+    normal = _relative(path, what, allow_empty=allow_empty)
+    if normal is None:
+        return ""
+    inside_root = posixpath.normpath(posixpath.join(working, normal))
+    if _climbs(inside_root):
+        raise InvalidArgument(f"{what} {path!r} leads outside the input root")
+    if not allow_empty and inside_root == ".":
+        raise InvalidArgument(f"{what} {path!r} names the input root itself")
     return "" if normal == "." else normal
 
 
@@ -222,9 +249,11 @@ def check_command(command: re_pb2.Command) -> Outputs:
     for argument in command.arguments:
         if "\0" in argument:
             raise InvalidArgument("a command argument contains a NUL byte")
-    paths = [normalise(p, "output path", allow_empty=True) for p in command.output_paths]
-    files = [normalise(p, "output file", allow_empty=False) for p in command.output_files]
-    dirs = [normalise(p, "output directory", allow_empty=True)
+    paths = [output_path(p, working, "output path", allow_empty=True)
+             for p in command.output_paths]
+    files = [output_path(p, working, "output file", allow_empty=False)
+             for p in command.output_files]
+    dirs = [output_path(p, working, "output directory", allow_empty=True)
             for p in command.output_directories]
     return Outputs(working_directory=working, paths=list(dict.fromkeys(paths)),
                    files=list(dict.fromkeys(files)), directories=list(dict.fromkeys(dirs)),
@@ -252,6 +281,11 @@ def safe_makedirs(root: Path, relative: str, base: Path | None = None) -> Path:
     if not relative:
         return Path(current)
     for part in relative.split("/"):
+        if part == "..":  # `current` is always a real path: this is its real parent
+            current = os.path.dirname(current)
+            if not _inside(root_real, current):
+                raise InvalidArgument(f"{relative!r} leads outside the input root")
+            continue
         candidate = os.path.join(current, part)
         if os.path.islink(candidate):
             resolved = os.path.realpath(candidate)

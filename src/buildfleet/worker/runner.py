@@ -48,7 +48,7 @@ from google.rpc import code_pb2, status_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.client.cas import CasClient, CasError, CorruptBlob, MissingBlobs, digest_of_file
 from buildfleet.digest import Digest
-from buildfleet.errors import BuildfleetError, InvalidArgument
+from buildfleet.errors import BuildfleetError, FailedPrecondition, InvalidArgument
 from buildfleet.worker.cache import LocalCache
 from buildfleet.worker.inputs import (
     Outputs,
@@ -57,7 +57,25 @@ from buildfleet.worker.inputs import (
     materialise,
     missing_error,
 )
+from buildfleet.worker.limits import (
+    ActionCgroup,
+    Cgroups,
+    Limits,
+    gated,
+    human_bytes,
+    requested,
+    set_rlimits,
+)
 from buildfleet.worker.outputs import collect_outputs, sort_result
+from buildfleet.worker.sandbox import (
+    NETWORK_PROPERTY,
+    SandboxConfig,
+    exit_code_of,
+    last_line,
+    launch,
+    through_env,
+    wants_network,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +98,22 @@ class RunnerConfig:
     # that a finished action's outputs survive a server restart.
     cas_retry_timeout: float = 60.0
     retry_max_delay: float = 10.0
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    limits: Limits = field(default_factory=Limits)  # every action's, and the most one may ask
+    cgroups: Cgroups | None = None  # where actions with limits get their cgroups
+
+
+@dataclass(frozen=True)
+class Ran:
+    """How a command ended."""
+
+    exit_code: int
+    timed_out: bool
+    limit_hit: str | None  # "memory" or "pids" when it hit that limit (cgroups only)
+
+
+class SandboxFailure(Exception):
+    """The sandbox could not be set up for a command (it never ran)."""
 
 
 @dataclass
@@ -178,40 +212,89 @@ class Runner:
         self.process_groups: set[int] = set()  # running commands, for an abrupt stop
         self.completed = 0
 
-    async def _spawn(self, command: re_pb2.Command, working: Path, environment: dict[str, str],
-                     timeout: float, stdout: int, stderr: int) -> tuple[int, bool]:
-        """Run the command to its end (or timeout); (exit code, timed out)."""
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *command.arguments, cwd=working, env=environment,
-                stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                start_new_session=True)
-        except OSError as error:
-            if isinstance(error, FileNotFoundError | NotADirectoryError):
-                exit_code = 127  # as a shell would: not found
-            elif isinstance(error, PermissionError) or error.errno == errno.ENOEXEC:
-                exit_code = 126  # found but not runnable
-            else:
-                raise OSError(error.errno, f"could not start the command: "
-                              f"{error.strerror}") from None
-            os.write(stderr, f"buildfleet bot: cannot run {command.arguments[0]!r}: "
-                             f"{error.strerror}\n".encode())
-            return exit_code, False
-        self.process_groups.add(process.pid)
-        timed_out = False
+    async def _spawn(self, command: re_pb2.Command, root: Path, working: Path,
+                     environment: dict[str, str], network: bool, limits: Limits,
+                     timeout: float, stdout: int, stderr: int, status: int) -> Ran:
+        """Run the command to its end (or timeout).  A sandbox reports the exit code on
+        the descriptor `status`; with `limits` the command starts behind a gate that
+        opens once it is in its cgroup (or under its resource limits)."""
+        start = launch(self.config.sandbox, command.arguments, root=root, working=working,
+                       environment=environment, network=network, status_fd=status)
+        argv = start.argv
+        group: ActionCgroup | None = None
+        gate_read = gate_write = -1
+        if limits:
+            # unsandboxed, env(1) takes back out the PWD that the gate's shell exports
+            argv = gated(argv if start.sandboxed else through_env(argv, environment))
+            gate_read, gate_write = os.pipe()
+            if self.config.cgroups is not None:
+                group = await in_thread(self.config.cgroups.make, limits)
         try:
             try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
-                timed_out = True
+                process = await asyncio.create_subprocess_exec(
+                    *argv, cwd=start.cwd, env=environment,
+                    stdin=gate_read if limits else asyncio.subprocess.DEVNULL,
+                    stdout=stdout, stderr=stderr, start_new_session=True,
+                    pass_fds=(status,) if start.sandboxed else ())
+            except OSError as error:
+                return self._not_started(command, error, start.sandboxed, stderr)
+            finally:
+                if limits:
+                    os.close(gate_read)
+            self.process_groups.add(process.pid)
+            try:
+                if limits:
+                    try:
+                        if group is not None:
+                            group.join(process.pid)
+                        else:
+                            set_rlimits(process.pid, limits)
+                        os.write(gate_write, b"go\n")
+                    finally:
+                        os.close(gate_write)
+                        gate_write = -1
+                timed_out = False
+                try:
+                    await asyncio.wait_for(process.wait(), timeout)
+                except TimeoutError:
+                    timed_out = True
+            finally:
+                kill_group(process.pid)
+                if process.returncode is None:
+                    await process.wait()
+                self.process_groups.discard(process.pid)
+            hit = group.hit() if group is not None else None
         finally:
-            kill_group(process.pid)
-            if process.returncode is None:
-                await process.wait()
-            self.process_groups.discard(process.pid)
+            if gate_write >= 0:
+                os.close(gate_write)
+            if group is not None:
+                await in_thread(group.remove)
         returncode = process.returncode
         assert returncode is not None
-        return (returncode if returncode >= 0 else 128 - returncode), timed_out
+        if start.sandboxed and not timed_out:
+            reported = exit_code_of(os.pread(status, 65536, 0))
+            if reported is None:  # bwrap itself failed before the command ran
+                raise SandboxFailure(last_line(stderr) or f"bwrap exited with {returncode}")
+            return Ran(reported, False, hit)
+        return Ran(returncode if returncode >= 0 else 128 - returncode, timed_out, hit)
+
+    def _not_started(self, command: re_pb2.Command, error: OSError, sandboxed: bool,
+                     stderr: int) -> Ran:
+        """The command could not be started: exit codes as a shell gives them (127 not
+        found, 126 not runnable); anything else is the bot's failure."""
+        if sandboxed:
+            raise OSError(error.errno, f"could not start the sandbox "
+                          f"({self.config.sandbox.bwrap}): {error.strerror}") from None
+        if isinstance(error, FileNotFoundError | NotADirectoryError):
+            exit_code = 127  # as a shell would: not found
+        elif isinstance(error, PermissionError) or error.errno == errno.ENOEXEC:
+            exit_code = 126  # found but not runnable
+        else:
+            raise OSError(error.errno, f"could not start the command: "
+                          f"{error.strerror}") from None
+        os.write(stderr, f"buildfleet bot: cannot run {command.arguments[0]!r}: "
+                         f"{error.strerror}\n".encode())
+        return Ran(exit_code, False, None)
 
     async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         return await retry_transient(operation, what, window=self.config.cas_retry_timeout,
@@ -254,6 +337,11 @@ class Runner:
             else:
                 outcome = LeaseOutcome(status(code_pb2.INTERNAL,
                                               f"CAS error {error.code.name}: {error.message}"))
+        except SandboxFailure as error:
+            log.warning("lease %s: the sandbox failed: %s", lease_id, error)
+            outcome = LeaseOutcome(status(code_pb2.INTERNAL,
+                                          f"bot {self.config.bot_id}: the sandbox could not "
+                                          f"run the command: {error}"))
         except OSError as error:
             cause = "disk full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "I/O error"
             log.warning("lease %s: %s", lease_id, error)
@@ -325,6 +413,14 @@ class Runner:
         except MissingBlobs:
             raise missing_error([command_digest], "command") from None
         outputs = check_command(command)
+        platform = action.platform if action.platform.properties else command.platform
+        properties = [(p.name, p.value) for p in platform.properties]
+        network = wants_network(properties)
+        if network and not self.config.sandbox.allow_network:
+            raise FailedPrecondition(
+                f"the action asks for the network ({NETWORK_PROPERTY}=on) and bot "
+                f"{self.config.bot_id} does not allow it (start it with --allow-network)")
+        limits = requested(properties).within(self.config.limits)
         if action.HasField("timeout") and (action.timeout.seconds or action.timeout.nanos):
             timeout = action.timeout.seconds + action.timeout.nanos / 1e9
             if timeout < 0:
@@ -350,13 +446,13 @@ class Runner:
                 self.cache.release(fetch)
             summary["fetch"] = _stamp(metadata.input_fetch_completed_timestamp) - fetch_started
             return await self._execute(command, outputs, timeout, action_dir, root, working,
-                                       metadata, summary)
+                                       network, limits, metadata, summary)
         finally:
             await in_thread(remove_tree, action_dir)
 
     async def _execute(self, command: re_pb2.Command, outputs: Outputs, timeout: float,
-                       action_dir: Path, root: Path, working: Path,
-                       metadata: re_pb2.ExecutedActionMetadata,
+                       action_dir: Path, root: Path, working: Path, network: bool,
+                       limits: Limits, metadata: re_pb2.ExecutedActionMetadata,
                        summary: dict[str, float | int | str]) -> LeaseOutcome:
         stdout_path = action_dir / "stdout"
         stderr_path = action_dir / "stderr"
@@ -367,8 +463,13 @@ class Runner:
         try:
             stderr = await in_thread(os.open, stderr_path, flags, 0o644)
             try:
-                exit_code, timed_out = await self._spawn(command, working, environment,
-                                                         timeout, stdout, stderr)
+                status_fd = await in_thread(os.open, action_dir / "sandbox-status",
+                                            os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    ran = await self._spawn(command, root, working, environment, network,
+                                            limits, timeout, stdout, stderr, status_fd)
+                finally:
+                    os.close(status_fd)
             finally:
                 os.close(stderr)
         finally:
@@ -377,6 +478,7 @@ class Runner:
         summary["execution"] = elapsed
         metadata.virtual_execution_duration.FromNanoseconds(int(elapsed * 1e9))
 
+        exit_code, timed_out = ran.exit_code, ran.timed_out
         upload_started = _stamp(metadata.output_upload_start_timestamp)
         result = re_pb2.ActionResult(exit_code=exit_code)
         blobs: dict[Digest, bytes | Path] = {}
@@ -398,6 +500,13 @@ class Runner:
         metadata.worker_completed_timestamp.GetCurrentTime()
         result.execution_metadata.CopyFrom(metadata)
         sort_result(result)
+        if ran.limit_hit == "memory" or (ran.limit_hit == "pids" and exit_code != 0):
+            # the action's own doing: reported with its result, not retried elsewhere
+            what = (f"exceeded its memory limit of {human_bytes(limits.memory or 0)} and was "
+                    "killed" if ran.limit_hit == "memory" else
+                    f"reached its limit of {limits.pids} processes (starting another failed)")
+            return LeaseOutcome(status(code_pb2.RESOURCE_EXHAUSTED,
+                                       f"the action {what}; exit code {exit_code}"), result)
         if timed_out:
             return LeaseOutcome(status(code_pb2.DEADLINE_EXCEEDED,
                                        f"the command ran longer than its timeout of "

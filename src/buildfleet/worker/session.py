@@ -55,7 +55,9 @@ from buildfleet.client.cas import CasClient
 from buildfleet.worker.cache import LocalCache
 from buildfleet.worker.config import BotConfig, open_channel
 from buildfleet.worker.health import check_health
+from buildfleet.worker.limits import Cgroups
 from buildfleet.worker.runner import LeaseOutcome, Runner, RunnerConfig, in_thread, remove_tree
+from buildfleet.worker.sandbox import Kind, SandboxUnusable, check_bwrap
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,18 @@ class Bot:
         except OSError as error:
             raise BotError(f"cannot prepare the bot's directories: {error}") from None
 
+    async def _check_sandbox(self) -> None:
+        """Stop at start-up, saying why, when the chosen sandbox does not work here."""
+        if self.config.sandbox.kind is Kind.NONE:
+            log.warning("actions run unsandboxed (--sandbox none): each can read and write "
+                        "what the bot's user can, reach the network, and leave processes "
+                        "behind")
+            return
+        try:
+            await in_thread(check_bwrap, self.config.sandbox)
+        except SandboxUnusable as error:
+            raise BotError(f"--sandbox {self.config.sandbox.kind.value}: {error}") from None
+
     def _close(self) -> None:
         for stream in self._locks:
             stream.close()
@@ -179,6 +193,7 @@ class Bot:
     async def run(self) -> int:
         """Serve until stopped by a signal; the process exit code."""
         config = self.config
+        await self._check_sandbox()
         self._prepare()
         self._main = asyncio.current_task()  # type: ignore[assignment]
         server_channel = open_channel(config.server, config.credentials)
@@ -189,18 +204,24 @@ class Bot:
             self._channels.append(cas_channel)
         self._bots = bots_pb2_grpc.BotsStub(server_channel)
         cas = CasClient(cas_channel, config.instance)
+        cgroups = await in_thread(
+            Cgroups.find, "buildfleet-" + re.sub(r"[^A-Za-z0-9_.-]", "_", config.bot_id))
         self._runner = Runner(cas, self.cache, RunnerConfig(
             bot_id=config.bot_id, work_dir=config.actions_dir,
             default_timeout=config.default_timeout,
             allow_outside_symlinks=config.allow_outside_symlinks,
-            retry_max_delay=config.reconnect_max_delay))
+            retry_max_delay=config.reconnect_max_delay, sandbox=config.sandbox,
+            limits=config.limits, cgroups=cgroups))
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         log.info("bot %s (buildfleet %s) for %s instance %r: properties %s, concurrency %d, "
-                 "work dir %s, cache %s (%d bytes)", config.bot_id, __version__, config.server,
+                 "work dir %s, cache %s (%d bytes), action limits %s (enforced by %s)",
+                 config.bot_id, __version__, config.server,
                  config.instance, ", ".join(f"{k}={v}" for k, v in config.properties),
-                 config.concurrency, config.work_dir, config.cache_path, config.cache_size)
+                 config.concurrency, config.work_dir, config.cache_path, config.cache_size,
+                 config.limits.describe(),
+                 f"cgroups v{cgroups.version}" if cgroups else "resource limits")
         health = asyncio.create_task(self._health_loop(), name="health")
         try:
             await self._check_instance(server_channel)

@@ -23,6 +23,16 @@ class Job:
     requirements: Properties = frozenset()
 
 
+def test_hint_properties_do_not_restrict_matching() -> None:
+    """memory= and pids= tell the bot how to run an action, not which bot may."""
+    platform = LINUX | {("memory", "2GiB"), ("pids", "100")}
+    assert matching.requirements_of(platform, SchedulerConfig()) == LINUX
+    assert matching.satisfies(LINUX, matching.requirements_of(platform, SchedulerConfig()))
+    strict = SchedulerConfig(hint_properties=[])
+    assert matching.requirements_of(platform, strict) == platform
+    assert not matching.satisfies(LINUX, matching.requirements_of(platform, strict))
+
+
 def test_a_bot_runs_what_its_properties_cover() -> None:
     both = frozenset({("ISA", "x86-64"), ("ISA", "x86-64-v3")})
     assert matching.satisfies(LINUX | both, both)

@@ -40,6 +40,16 @@ class Queued(Protocol):
 Q = TypeVar("Q", bound=Queued)
 
 
+def requirements_of(platform: Properties, settings: SchedulerConfig) -> Properties:
+    """What a bot must have to run an action with these platform properties: all of
+    them but the hints (`hint-properties`: memory and process limits, say), which only
+    tell the bot how to run it."""
+    hints = settings.hint_properties
+    if not hints:
+        return platform
+    return frozenset((name, value) for name, value in platform if name not in hints)
+
+
 def satisfies(properties: Properties, requirements: Properties) -> bool:
     """Whether a bot with `properties` can run a job that requires `requirements`."""
     return requirements <= properties

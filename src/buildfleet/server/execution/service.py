@@ -20,6 +20,7 @@ from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.protos import operation_proto, platform_requirements
+from buildfleet.scheduler.rules.matching import requirements_of
 from buildfleet.server import principal
 from buildfleet.server.capabilities.service import clamp_priority
 from buildfleet.server.instance import Instance, Instances
@@ -110,7 +111,8 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 yield operation_proto(operation)
                 return
         operation = await scheduler.submit(
-            action_digest, action, platform_requirements(platform),
+            action_digest, action,
+            requirements_of(platform_requirements(platform), instance.settings.scheduler),
             priority=clamp_priority(request.execution_policy.priority),
             skip_cache_lookup=request.skip_cache_lookup, owner=principal.owner())
         async for message in scheduler.watch(operation):
