@@ -16,17 +16,23 @@ wall-clock figures.
     python bench/scheduler.py --target 127.0.0.1:50051 --server-pid 1234 ...
     python bench/scheduler.py --secure ...   # TLS, bots and clients with bearer tokens
     python bench/scheduler.py --tls-only ... # TLS without authentication
+    python bench/scheduler.py --metrics ...  # metrics on, scraped every second
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
+import socket
 import sys
+import threading
 import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -232,6 +238,37 @@ async def run_clients(address: str, instance: str, args: argparse.Namespace,
     return figures
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def scraping(url: str, every: float = 1.0) -> Iterator[list[int]]:
+    """Scrape `url` every `every` seconds on a thread, as Prometheus would; the count of
+    successful scrapes is in the yielded list."""
+    done = threading.Event()
+    count = [0]
+
+    def loop() -> None:
+        while not done.wait(every):
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310
+                    response.read()
+                count[0] += 1
+            except OSError as error:
+                print(f"scrape failed: {error}", file=sys.stderr)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        thread.join(15)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bots", type=int, default=4)
@@ -251,6 +288,9 @@ def main() -> int:
                         help="spawn the server with TLS but no authentication (with "
                              "--secure and plaintext runs, this separates the cost of TLS "
                              "from that of checking credentials)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="spawn the server with its Prometheus endpoint on, and scrape "
+                             "it every second while the actions run")
     args = parser.parse_args()
     if (args.secure or args.tls_only) and args.target:
         parser.error("--secure and --tls-only spawn their own server: not with --target")
@@ -297,6 +337,12 @@ def main() -> int:
                 spawned_server(config=settings) as (address, process):
             tokens.update(credentials)
             figures = run(address, process.pid)
+    elif args.metrics:
+        port = free_port()
+        with spawned_server(config=f"metrics: {{listen: '127.0.0.1:{port}'}}\n") as (
+                address, process), scraping(f"http://127.0.0.1:{port}/metrics") as scrapes:
+            figures = run(address, process.pid)
+        figures["metrics_scrapes"] = scrapes[0]
     else:
         with spawned_server() as (address, process):
             figures = run(address, process.pid)

@@ -70,3 +70,11 @@ def test_sandbox_benchmark_runs_both_modes() -> None:
     figures = run_benchmark("sandbox.py", "--actions", "5", "--rounds", "1")
     assert isinstance(figures["bwrap_execution_ms"], float)
     assert isinstance(figures["none_execution_ms"], float)
+
+
+@pytest.mark.timeout(300)
+def test_scheduler_benchmark_runs_with_metrics_on() -> None:
+    figures = run_benchmark("scheduler.py", "--bots", "2", "--clients", "2", "--actions", "20",
+                            "--metrics")
+    assert figures["completed"] == 20
+    assert figures["errors"] == 0 and figures["wrong_results"] == 0

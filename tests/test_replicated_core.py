@@ -29,6 +29,7 @@ from buildfleet.scheduler.protos import ACTION_RESULT_URL
 from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler, jobs
 from buildfleet.scheduler.replicated import scheduler as replicated_module
 from buildfleet.scheduler.replicated.transactions import Effects, Tx
+from buildfleet.scheduler.rules.observations import Outcome
 
 LINUX = frozenset({("OSFamily", "linux")})
 
@@ -267,7 +268,8 @@ async def test_a_submission_racing_the_completion_joins_the_finished_job(
             assert row is not None
             response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
             await jobs.complete(Tx(conn, Effects(), "", a.settings), row,
-                                response.SerializeToString(), worker="bot-x", succeeded=True)
+                                response.SerializeToString(), worker="bot-x", succeeded=True,
+                                outcome=Outcome.SUCCESS)
             # The completion is written, not committed: the submission waits for it.
             racing = asyncio.create_task(b.submit(digest, message, LINUX))
 

@@ -193,3 +193,20 @@ def test_up_runs_actions_in_the_sandbox_when_it_works(tmp_path: Path) -> None:
         assert in_sandbox == sandboxed, up.report()
         if not sandboxed:
             assert "unsandboxed" in up.report()
+
+
+def test_up_serves_metrics_and_prints_where(tmp_path: Path) -> None:
+    import re
+    import urllib.request
+
+    with UpProcess.start(tmp_path, bots=2, extra_args=["--sandbox", "none"]) as up:
+        match = re.search(r"^metrics: (http://127\.0\.0\.1:\d+/metrics)$", up.stdout(),
+                          re.MULTILINE)
+        assert match is not None, up.stdout()
+
+        def connected() -> bool:
+            with urllib.request.urlopen(match.group(1), timeout=10) as response:  # noqa: S310
+                text = response.read().decode()
+            return 'buildfleet_bots_connected{instance=""} 2.0' in text
+
+        wait_until(connected, 20, "both bots in the metrics")

@@ -46,6 +46,7 @@ from buildfleet.auth.setup import SecureGrid, prepare
 from buildfleet.config import (
     AuthConfig,
     ConfigError,
+    MetricsConfig,
     ServerConfig,
     TlsConfig,
     load_config,
@@ -329,6 +330,9 @@ class Grid:
                          "certificate, a token for bots and one for clients)")
         lines.append(f"data directory: {self.config.data_dir.resolve()} "
                      f"(bot logs: {self.config.data_dir.resolve() / 'bots'}/*/bot.log)")
+        metrics = self.server.metrics_url()
+        if metrics is not None:
+            lines.append(f"metrics: {metrics}")
         hints = self.hints()
         if not hints:
             lines += ["", "No instance executes actions (scheduler disabled everywhere); "
@@ -469,6 +473,8 @@ def up(bots: int | None, listen: tuple[str, ...], data_dir: Path | None,
                         stream=sys.stderr)
     try:
         config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir)
+        if config.metrics.listen is None:  # on by default here, on a free loopback port
+            config = config.model_copy(update={"metrics": MetricsConfig(listen="127.0.0.1:0")})
         files = secured(config) if secure else None
         if files is not None:
             config = config.model_copy(update={

@@ -69,12 +69,27 @@ __all__ = [
     "AuthConfig", "CertificatesConfig", "Grant", "JwtConfig", "ListenerConfig", "Role",
     "TlsConfig",
     "DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "RESERVED_SEGMENTS", "STORAGE_TYPES", "ConfigError",
-    "DiskStorage", "InstanceConfig", "MemoryStorage", "PostgresConfig", "PostgresStorage",
+    "DiskStorage", "InstanceConfig", "MemoryStorage", "MetricsConfig", "PostgresConfig",
+    "PostgresStorage",
     "ReadCacheStorage", "RemoteStorage", "SchedulerConfig", "ServerConfig",
     "SizeLimitedStorage", "StorageRef", "StorageSpec", "check_database", "check_instance_name",
     "default_action_cache", "default_cas", "instance_slug", "is_postgres_url", "load_config",
     "parse_config", "parse_listen_address",
 ]
+
+
+class MetricsConfig(Model):
+    """Prometheus metrics over HTTP: `listen` HOST:PORT (port 0 picks a free one); off
+    when unset.  The endpoint shows counts, never anyone's actions or data."""
+
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            parse_listen_address(listen)
+        return listen
 
 
 class InstanceConfig(Model):
@@ -103,6 +118,7 @@ class ServerConfig(Model):
     # or a postgresql:// URL (several replicas can then share it).
     database: str = "scheduler.sqlite3"
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
 

@@ -27,8 +27,10 @@ from buildfleet.scheduler.model import (
     Lease,
     Operation,
     Properties,
+    QueueGroup,
     ReportedLease,
 )
+from buildfleet.scheduler.rules.observations import Observations
 from buildfleet.scheduler.rules.ownership import Caller
 
 
@@ -44,6 +46,8 @@ class SchedulerAPI(Protocol):
     # assigned, completed, retried, expired_sessions, abandoned_leases: counted once
     # per event, on the process where it happened.
     stats: Counter[str]
+    # How jobs ended, why leases went back, durations: for metrics (rules.observations).
+    observations: Observations
 
     @property
     def store(self) -> Startable: ...
@@ -103,6 +107,11 @@ class SchedulerAPI(Protocol):
     def live_sessions(self) -> Iterable[BotSession]: ...
 
     def connected_bots(self) -> int: ...
+
+    # -- views (for metrics; the replicated strategy's are a housekeeping tick old)
+    def queue_groups(self) -> list[QueueGroup]: ...
+
+    def executing(self) -> int: ...
 
     # -- time
     async def housekeep(self) -> None: ...

@@ -132,3 +132,12 @@ class BotEvent:
 def random_id() -> str:
     """A new unique id (for jobs, operations, sessions): the default id generator."""
     return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class QueueGroup:
+    """Queued jobs that need the same platform: how many, and since when the oldest."""
+
+    requirements: Properties
+    queued: int
+    oldest_queued_at: float  # wall-clock seconds

@@ -24,6 +24,7 @@ from buildfleet.server.capabilities.service import CapabilitiesService
 from buildfleet.server.cas.service import ContentAddressableStorageService
 from buildfleet.server.execution.service import ExecutionService
 from buildfleet.server.instance import Instances, build_instances
+from buildfleet.server.metrics import MetricsEndpoint, ServerMetrics
 from buildfleet.server.operations.service import OperationsService
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class BuildfleetServer:
                 self.bots,
             ]
         self.health = health.aio.HealthServicer()
+        self.metrics = ServerMetrics() if config.metrics.listen is not None else None
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.ports: list[int] = []
         self._server: grpc.aio.Server | None = None
 
@@ -75,7 +78,9 @@ class BuildfleetServer:
                         RotatingCredentials(tls, self.config.data_path,
                                             f"tls of listener {address}").credentials())
                        for address, tls in self.config.listeners()]
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self.metrics is not None:  # outermost: refused calls are counted too
+            interceptors.append(self.metrics.calls)
         if self.config.auth.configured:
             interceptors.append(AuthInterceptor(
                 Authenticator(self.config.auth, self.config.data_path), Audit()))
@@ -109,6 +114,11 @@ class BuildfleetServer:
             self.ports.append(port)
         await server.start()
         self._server = server
+        if self.metrics is not None and self.config.metrics.listen is not None:
+            self.metrics.watch(self.instances, getattr(self, "bots", None))
+            host, port = parse_listen_address(self.config.metrics.listen)
+            self.metrics_endpoint = MetricsEndpoint(self.metrics, (host.strip("[]"), port))
+            await asyncio.to_thread(self.metrics_endpoint.start)
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.ports
@@ -118,6 +128,9 @@ class BuildfleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        if self.metrics_endpoint is not None:
+            await asyncio.to_thread(self.metrics_endpoint.stop)
+            self.metrics_endpoint = None
         await self._server.stop(self.config.grace_period if grace is None else grace)
         self._server = None
         for service in self.services:
@@ -125,6 +138,16 @@ class BuildfleetServer:
             if close is not None:
                 await close()
         await self.instances.close()
+
+    def metrics_url(self) -> str | None:
+        """Where Prometheus scrapes this server (None: metrics are off)."""
+        if self.metrics_endpoint is None:
+            return None
+        host, _ = self.metrics_endpoint.address
+        shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+        if ":" in shown and not shown.startswith("["):
+            shown = f"[{shown}]"
+        return f"http://{shown}:{self.metrics_endpoint.port}/metrics"
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -162,6 +185,8 @@ async def serve(config: ServerConfig) -> None:
     await server.start()
     for line in listen_lines(config.addresses(), server.ports):
         log.info("listening on %s", line)
+    if server.metrics_endpoint is not None:
+        log.info("metrics on %s", server.metrics_url())
     log.info("instances: %s; data directory: %s",
              ", ".join(repr(i.name) for i in server.instances), config.data_dir)
     stopping = asyncio.Event()

@@ -12,8 +12,7 @@ the audit log, once per principal and reason within a window.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from buildfleet.errors import BuildfleetError
 from buildfleet.server.bots.service import instance_of_session
 from buildfleet.server.bytestream.resource import parse_read, parse_write
 from buildfleet.server.execution.service import instance_of_operation
+from buildfleet.server.interception import Enter, Interceptor
 from buildfleet.server.principal import PRINCIPAL
 from buildfleet.server.rpc import Undecodable
 
@@ -92,31 +92,23 @@ RULES: dict[str, Rule] = {
 OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(Interceptor):
     """Authenticates and authorizes every call (see the module docstring)."""
 
     def __init__(self, authenticator: Authenticator, audit: Audit) -> None:
+        super().__init__()
         self.authenticator = authenticator
         self.audit = audit
-        # method -> (the service's handler, its guarded wrapper): made once per method,
-        # not per call (the services return the same handler object every time)
-        self._guarded_handlers: dict[str, tuple[grpc.RpcMethodHandler,
-                                                grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-            self, continuation: Callable[[grpc.HandlerCallDetails],
-                                         Awaitable[grpc.RpcMethodHandler]],
-            details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or method in OPEN:
-            return handler
-        known = self._guarded_handlers.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        guarded = self._guarded(handler, method, RULES.get(method))
-        self._guarded_handlers[method] = (handler, guarded)
-        return guarded
+    def enter_for(self, method: str) -> Enter | None:
+        if method in OPEN:
+            return None
+        rule, admit = RULES.get(method), self._admit
+
+        async def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await _enter(admit, method, rule, request, context)
+
+        return enter
 
     def _admit(self, method: str, rule: Rule | None, request: Any,
                context: grpc.aio.ServicerContext) -> Principal:
@@ -162,58 +154,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except (BuildfleetError, AttributeError):
             return None
 
-    def _guarded(self, handler: grpc.RpcMethodHandler, method: str,
-                 rule: Rule | None) -> grpc.RpcMethodHandler:
-        admit = self._admit
-        options = {"request_deserializer": handler.request_deserializer,
-                   "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _enter(admit, method, rule, request, context)
-                return await inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **options)
-        if handler.unary_stream is not None and inspect.iscoroutinefunction(
-                handler.unary_stream):  # a stream written with context.write()
-            inner_uw = handler.unary_stream
-
-            async def unary_writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await _enter(admit, method, rule, request, context)
-                return await inner_uw(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(unary_writes, **options)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                                   ) -> AsyncIterator[Any]:
-                await _enter(admit, method, rule, request, context)
-                async for response in inner_us(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **options)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any],
-                                   context: grpc.aio.ServicerContext) -> Any:
-                first = await anext(aiter(requests), None)
-                await _enter(admit, method, rule, first, context)
-                return await inner_su(_prepend(first, requests), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **options)
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: AsyncIterator[Any],
-                                context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _enter(admit, method, rule, None, context)
-            async for response in inner_ss(requests, context):
-                yield response
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **options)
-
 
 class _Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -232,11 +172,3 @@ async def _enter(admit: Callable[..., Principal], method: str, rule: Rule | None
         await context.abort(refusal.code, refusal.message)
         raise AssertionError("unreachable") from None  # context.abort always raises
     PRINCIPAL.set(principal)
-
-
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    if first is None:
-        return
-    yield first
-    async for item in rest:
-        yield item

@@ -33,6 +33,8 @@ class ActionCache:
     def __init__(self, store: BlobStore, cas: Cas, *, allow_updates: bool = True) -> None:
         self.store = store
         self.cas = cas
+        self.hits = 0  # lookups answered (for metrics)
+        self.misses = 0  # lookups that found nothing usable
         self.allow_updates = allow_updates
 
     async def start(self) -> None:
@@ -97,6 +99,14 @@ class ActionCache:
 
     async def get(self, action_digest: Digest) -> re_pb2.ActionResult | None:
         """The cached result, or None when absent or no longer complete in the CAS."""
+        result = await self._lookup(action_digest)
+        if result is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return result
+
+    async def _lookup(self, action_digest: Digest) -> re_pb2.ActionResult | None:
         data = await self.store.get(action_digest)
         if data is None:
             return None

@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -67,12 +68,23 @@ REVERIFY_AFTER = 3600.0
 MAX_REMEMBERED = 65536
 
 
+@dataclass
+class CasCounters:
+    """What went through a Cas since it started (for metrics)."""
+
+    bytes_read: int = 0  # served: batch reads and streamed reads
+    bytes_written: int = 0  # verified and stored
+    missing_blobs: int = 0  # reported missing by FindMissingBlobs (and such checks)
+    corrupted_blobs: int = 0  # found not to match their digests, removed
+
+
 class Cas:
     """The verified view of a blob store that the services use."""
 
     def __init__(self, store: BlobStore, *, max_blob_size: int = 0) -> None:
         self.store = store
         self.max_blob_size = max_blob_size  # 0: no limit
+        self.counters = CasCounters()
         # digest -> (version of the stored blob when it was verified, monotonic time)
         self._verified: OrderedDict[Digest, tuple[Hashable, float]] = OrderedDict()
 
@@ -94,7 +106,9 @@ class Cas:
         unique = [d for d in dict.fromkeys(digests) if d != EMPTY_DIGEST]
         if not unique:
             return []
-        return await self.store.find_missing(unique)
+        missing = await self.store.find_missing(unique)
+        self.counters.missing_blobs += len(missing)
+        return missing
 
     async def contains(self, digest: Digest) -> bool:
         return not await self.find_missing([digest])
@@ -106,6 +120,7 @@ class Cas:
             return
         self.check_size(digest)
         await self.store.put(digest, data)
+        self.counters.bytes_written += len(data)
 
     async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]
                        ) -> list[BuildfleetError | None]:
@@ -132,6 +147,8 @@ class Cas:
         stored = await self.store.put_batch([blobs[index] for index in order])
         for index, outcome in zip(order, stored, strict=True):
             results[index] = outcome
+            if outcome is None:
+                self.counters.bytes_written += len(blobs[index][1])
         for index, first in duplicates:
             results[index] = results[first]
         return results
@@ -146,6 +163,7 @@ class Cas:
         if len(data) != digest.size_bytes or hashlib.sha256(data).hexdigest() != digest.hash:
             await self._discard_corrupted(digest)
             return None
+        self.counters.bytes_read += len(data)
         return data
 
     async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
@@ -159,6 +177,7 @@ class Cas:
                 await self._discard_corrupted(digest)
                 continue
             found[digest] = data
+            self.counters.bytes_read += len(data)
         return found
 
     async def get_message(self, digest: Digest, message_type: type[M], what: str) -> M | None:
@@ -204,6 +223,7 @@ class Cas:
         end = size if limit <= 0 else min(size, offset + limit)
         if (end < size and size > chunk_size) or self._still_verified(digest, reader.version):
             async for chunk in reader.chunks(offset, end - offset, chunk_size):
+                self.counters.bytes_read += len(chunk)
                 yield chunk
             return
         hasher = _StreamHasher()
@@ -218,6 +238,7 @@ class Cas:
             start, stop = max(offset - position, 0), min(end - position, len(data))
             if start < stop:
                 if held is not None:
+                    self.counters.bytes_read += len(held)
                     yield held
                 held = data[start:stop] if (start, stop) != (0, len(data)) else data
             else:
@@ -230,6 +251,7 @@ class Cas:
                                 "match its digest); it has been removed: upload it again")
         self._remember_verified(digest, reader.version)
         if held is not None:
+            self.counters.bytes_read += len(held)
             yield held
 
     def _remember_verified(self, digest: Digest, version: Hashable | None) -> None:
@@ -256,12 +278,18 @@ class Cas:
     async def begin_write(self, digest: Digest) -> VerifyingWriter:
         """A writer that hashes what it receives and refuses to commit a mismatch."""
         self.check_size(digest)
+
+        def committed(version: Hashable | None) -> None:
+            self.counters.bytes_written += digest.size_bytes
+            self._remember_verified(digest, version)
+
         return VerifyingWriter(digest, await self.store.begin_write(digest),
-                               on_commit=lambda version: self._remember_verified(digest, version))
+                               on_commit=committed)
 
     async def _discard_corrupted(self, digest: Digest) -> None:
         log.error("blob %s is corrupted in storage; removing it so that it is re-uploaded",
                   digest)
+        self.counters.corrupted_blobs += 1
         self._verified.pop(digest, None)
         await self.store.delete(digest)
 

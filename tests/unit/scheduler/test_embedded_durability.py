@@ -19,6 +19,7 @@ from buildfleet.scheduler.embedded.housekeeping import forget_old
 from buildfleet.scheduler.embedded.records import SessionRecord
 from buildfleet.scheduler.embedded.store import Row
 from buildfleet.scheduler.model import BotStatus, LeaseState, Operation, ReportedLease
+from buildfleet.scheduler.rules.observations import Outcome
 
 LINUX = frozenset({("OSFamily", "linux")})
 
@@ -172,7 +173,7 @@ async def test_old_operations_and_their_jobs_are_forgotten_recent_ones_kept() ->
         await scheduler.cancel_operation(done.name)
         await scheduler.delete_operation(other.name)
         for job_id in {done.job_id, joined.job_id}:
-            state.complete(state.jobs[job_id], b"")
+            state.complete(state.jobs[job_id], b"", outcome=Outcome.FAILED)
 
         wall = time.time()
         await scheduler.housekeep()  # nothing is old yet
@@ -191,7 +192,7 @@ async def test_old_operations_and_their_jobs_are_forgotten_recent_ones_kept() ->
         assert set(store.tables["jobs"]) == {running.job_id}
 
         # Done later: forgotten once its own retention has passed, not before.
-        state.complete(state.jobs[running.job_id], b"")
+        state.complete(state.jobs[running.job_id], b"", outcome=Outcome.FAILED)
         forget_old(state, time.time() + 50)
         assert set(state.operations) == {running.name}
         forget_old(state, time.time() + 200)
@@ -210,7 +211,7 @@ async def test_restored_done_operations_expire_too() -> None:
         await first.start()
         done, _ = await submitted(first, "before-restart")
         queued, _ = await submitted(first, "still-queued")
-        first.state.complete(first.state.jobs[done.job_id], b"")
+        first.state.complete(first.state.jobs[done.job_id], b"", outcome=Outcome.FAILED)
         await store.flush()
         await first.close()
 

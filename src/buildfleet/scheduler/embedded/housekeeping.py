@@ -8,6 +8,7 @@ import heapq
 from buildfleet.scheduler.embedded.state import JOB, EmbeddedState
 from buildfleet.scheduler.rules import outcomes, timers
 from buildfleet.scheduler.rules.matching import may_yet_work
+from buildfleet.scheduler.rules.observations import Outcome
 from buildfleet.scheduler.rules.timers import Silence
 
 
@@ -43,7 +44,8 @@ def end_overdue(state: EmbeddedState, now: float) -> None:
             continue
         state.cancel_lease(job.lease)
         state.complete(job, outcomes.timed_out(timers.effective_timeout(job.timeout,
-                                                                         state.settings)))
+                                                                         state.settings)),
+                       outcome=Outcome.TIMEOUT)
 
 
 def fail_unmatched(state: EmbeddedState, wall: float) -> None:
@@ -63,7 +65,8 @@ def fail_unmatched(state: EmbeddedState, wall: float) -> None:
             if timers.unmatched_expired(since=since, queued_at=job.queued_at, now=wall,
                                         settings=state.settings):
                 state.complete(job, outcomes.unmatched(requirements, offered,
-                                                       state.settings.unmatched_timeout))
+                                                       state.settings.unmatched_timeout),
+                               outcome=Outcome.UNMATCHED)
 
 
 def forget_recent(state: EmbeddedState, wall: float) -> None:

@@ -39,6 +39,7 @@ from buildfleet.scheduler.model import (
     LeaseState,
     Operation,
     Properties,
+    QueueGroup,
     ReportedLease,
     random_id,
 )
@@ -74,6 +75,7 @@ class EmbeddedScheduler:
             wake_session=lambda session: self._sessions.notify(session.name),
             wake_job=lambda job: self._jobs.notify(job.id))
         self.stats = self.state.stats
+        self.observations = self.state.observations
         self._housekeeper = Ticker(f"scheduler[{instance!r}] housekeeping",
                                    self.settings.tick, self.housekeep)
 
@@ -294,7 +296,7 @@ class EmbeddedScheduler:
             # reached it, so it goes back to the queue without counting an attempt.
             for lease in [lease for lease in session.leases.values() if not lease.delivered]:
                 state.requeue(lease, Requeue("the bot's call was cancelled",
-                                             count_attempt=False))
+                                             count_attempt=False, cause="call_cancelled"))
             raise
         finally:
             # A bot may cancel a poll and start the next one at once; the entry
@@ -335,6 +337,14 @@ class EmbeddedScheduler:
 
     def connected_bots(self) -> int:
         return sum(1 for _ in self.state.live_sessions())
+
+    def queue_groups(self) -> list[QueueGroup]:
+        return [QueueGroup(requirements, len(members),
+                           min(job.queued_at for job in members))
+                for requirements, members in self.state.queue.groups() if members]
+
+    def executing(self) -> int:
+        return len(self.state.executing)
 
     # ------------------------------------------------------------- housekeeping
     async def housekeep(self) -> None:

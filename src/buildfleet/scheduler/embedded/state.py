@@ -37,6 +37,7 @@ from buildfleet.scheduler.rules.matching import (
     satisfies,
     takes_work,
 )
+from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class EmbeddedState:
         # done jobs no operation refers to.  Re-checked when due; stale ones cost a pop.
         self.expiry: list[tuple[float, int, str]] = []
         self.stats: Counter[str] = Counter()
+        self.observations = Observations()
 
     # ----------------------------------------------------------------- submissions
     def submit(self, action_digest: Digest, action: bytes, requirements: Properties, *,
@@ -101,12 +103,14 @@ class EmbeddedState:
                 self.in_flight[action_digest] = job
             self.store.save_job(job)
             self.dispatch(job)
-        elif not job.done:
-            raised = submissions.joined_priority(job.priority, priority)
-            if raised != job.priority:
-                job.priority = raised
-                self.queue.reprioritize(job)
-                self.store.save_job(job)
+        else:
+            self.observations.deduplicated += 1
+            if not job.done:
+                raised = submissions.joined_priority(job.priority, priority)
+                if raised != job.priority:
+                    job.priority = raised
+                    self.queue.reprioritize(job)
+                    self.store.save_job(job)
         return self.new_operation(job, owner)
 
     def _joinable(self, action_digest: Digest, skip_cache_lookup: bool) -> JobRecord | None:
@@ -129,6 +133,7 @@ class EmbeddedState:
                         stage=Stage.COMPLETED, response=response, completed_at=now)
         self.jobs[job.id] = job
         self.store.save_job(job)
+        self.observations.ended(Outcome.CACHE_HIT)
         return self.new_operation(job, owner)
 
     def new_operation(self, job: JobRecord, owner: str = "") -> OperationRecord:
@@ -166,7 +171,7 @@ class EmbeddedState:
         self.queue.remove(job)
         if job.lease is not None:
             self.cancel_lease(job.lease)
-        self.complete(job, outcomes.job_cancelled())
+        self.complete(job, outcomes.job_cancelled(), outcome=Outcome.CANCELLED)
 
     def delete_operation(self, operation: OperationRecord) -> None:
         """Forget an operation (the action itself keeps running for other waiters)."""
@@ -273,7 +278,7 @@ class EmbeddedState:
         if job.lease is not lease or job.done:
             return  # cancelled or timed out while the result was being stored
         self.complete(job, outcome.response, worker=outcome.worker,
-                      succeeded=outcome.succeeded)
+                      succeeded=outcome.succeeded, outcome=outcome.outcome)
         self.stats["completed"] += 1
 
     def requeue(self, lease: LeaseRecord, requeue: Requeue) -> None:
@@ -292,8 +297,9 @@ class EmbeddedState:
         job.attempts, job.last_failure = after.attempts, after.last_failure
         if requeue.count_attempt:
             self.stats["retried"] += 1
+        self.observations.requeues[requeue.cause] += 1
         if after.final is not None:
-            self.complete(job, after.final)
+            self.complete(job, after.final, outcome=Outcome.FAILED)
             return
         if requeue.failed_by:
             job.retry_at = self.clock() + retry_delay(job.attempts, self.settings)
@@ -303,8 +309,9 @@ class EmbeddedState:
         self._wake_job(job)
         self.dispatch(job)
 
-    def complete(self, job: JobRecord, response: bytes, *, worker: str = "",
-                 succeeded: bool = False) -> None:
+    def complete(self, job: JobRecord, response: bytes, *, outcome: Outcome,
+                 worker: str = "", succeeded: bool = False) -> None:
+        self.observations.ended(outcome, response)
         job.stage = Stage.COMPLETED
         job.response = response
         job.completed_at = self.wall()
@@ -387,7 +394,7 @@ class EmbeddedState:
         for lease_id_ in report.given_back:
             lease = session.leases.get(lease_id_)
             if lease is not None:
-                self.requeue(lease, Requeue("the bot gave the lease back"))
+                self.requeue(lease, Requeue("the bot gave the lease back", cause="given_back"))
         for lease_id_ in report.started:
             lease = session.leases.get(lease_id_)
             if lease is not None and lease.state == LeaseState.PENDING:
@@ -413,7 +420,8 @@ class EmbeddedState:
         reason = timers.abandoned_reason(session.bot_id, self.settings)
         for lease in list(session.leases.values()):
             self.stats["abandoned_leases"] += 1
-            self.requeue(lease, Requeue(reason, failed_by=session.bot_id))
+            self.requeue(lease, Requeue(reason, failed_by=session.bot_id,
+                                        cause="lease_timeout"))
 
     def close_session(self, session: SessionRecord, reason: str, *, count_attempt: bool) -> None:
         if session.closed:
@@ -428,7 +436,7 @@ class EmbeddedState:
             self.closed.popitem(last=False)
         for lease in list(session.leases.values()):
             self.requeue(lease, Requeue(f"bot {session.bot_id}: {reason}",
-                                        count_attempt=count_attempt))
+                                        count_attempt=count_attempt, cause="session_closed"))
         session.notices.clear()
         self.store.delete_session(session.name)
         self._wake_session(session)

@@ -181,7 +181,8 @@ async def _apply(tx: Tx, report: reports.Reconciliation, held: dict[str, Row],
             continue
         await jobs.finish(tx, held.pop(completed.id), outcome)
     for lease_id in report.given_back:
-        await jobs.requeue(tx, held.pop(lease_id), Requeue("the bot gave the lease back"))
+        await jobs.requeue(tx, held.pop(lease_id), Requeue("the bot gave the lease back",
+                                                                   cause="given_back"))
     for lease_id in report.started:
         job = held[lease_id]
         await tx.execute(

@@ -22,6 +22,7 @@ from buildfleet.scheduler.replicated.sql import (
 )
 from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.rules import outcomes, timers
+from buildfleet.scheduler.rules.observations import Outcome
 from buildfleet.scheduler.rules.timers import JUST_FINISHED, Silence
 
 BATCH = 100  # rows one pass handles at most
@@ -62,7 +63,8 @@ async def end_overdue(tx: Tx) -> None:
                 WHERE j.instance = %s AND j.stage = {EXECUTING} AND j.deadline < {NOW}
                 LIMIT {BATCH} FOR UPDATE SKIP LOCKED""", (tx.instance,)):
         await jobs.complete(tx, row, outcomes.timed_out(
-            timers.effective_timeout(row["timeout"], tx.settings)), cancel_lease=True)
+            timers.effective_timeout(row["timeout"], tx.settings)), cancel_lease=True,
+            outcome=Outcome.TIMEOUT)
 
 
 async def queued_requirements(tx: Tx) -> list[str]:
@@ -108,7 +110,7 @@ async def fail_unmatched(tx: Tx) -> None:
                 since=since, queued_at=row["queued_at"], now=row["now"], settings=tx.settings):
             await jobs.complete(tx, row, outcomes.unmatched(
                 properties_from(row["requirements"]), offered,
-                tx.settings.unmatched_timeout))
+                tx.settings.unmatched_timeout), outcome=Outcome.UNMATCHED)
 
 
 async def forget_old(tx: Tx) -> None:

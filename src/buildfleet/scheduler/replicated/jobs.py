@@ -28,15 +28,18 @@ from buildfleet.scheduler.replicated.sql import (
 from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.rules import outcomes, timers
 from buildfleet.scheduler.rules.matching import retry_delay
+from buildfleet.scheduler.rules.observations import Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 
 
-async def complete(tx: Tx, row: Row, response: bytes, *, cancel_lease: bool = False,
-                   worker: str | None = None, succeeded: bool = False) -> None:
+async def complete(tx: Tx, row: Row, response: bytes, *, outcome: Outcome,
+                   cancel_lease: bool = False, worker: str | None = None,
+                   succeeded: bool = False) -> None:
     """Finish a locked job.  With `cancel_lease`, a bot still running it is told
     CANCELLED (the lease stays on the row, marked, until the bot has been told).
     A job that succeeded keeps its action's place in the unique index for a moment
     (`dedup`), so that a submission racing the completion joins it."""
+    tx.effects.observations.ended(outcome, response)
     note = tx.announcing(row["id"], JobNews(Stage.COMPLETED, worker or row["worker"], response))
     announce = " RETURNING pg_notify(%s, %s)" if note else ""
     if cancel_lease and row["stage"] == EXECUTING and row["lease_session"] is not None:
@@ -62,7 +65,7 @@ async def finish(tx: Tx, row: Row, outcome: Completion | Requeue) -> None:
         await requeue(tx, row, outcome)
         return
     await complete(tx, row, outcome.response, worker=outcome.worker,
-                   succeeded=outcome.succeeded)
+                   succeeded=outcome.succeeded, outcome=outcome.outcome)
     tx.effects.stats["completed"] += 1
 
 
@@ -77,11 +80,12 @@ async def requeue(tx: Tx, row: Row, decision: Requeue) -> None:
                               max_attempts=tx.settings.max_attempts)
     if decision.count_attempt:
         tx.effects.stats["retried"] += 1
+    tx.effects.observations.requeues[decision.cause] += 1
     if after.final is not None:
         await tx.execute("UPDATE grid_jobs SET attempts = %s, last_failure = %s, "
                          "failed_on = %s::jsonb WHERE id = %s",
                          (after.attempts, after.last_failure, json.dumps(failed_on), row["id"]))
-        await complete(tx, row, after.final)
+        await complete(tx, row, after.final, outcome=Outcome.FAILED)
         return
     delay = retry_delay(after.attempts, tx.settings) if decision.failed_by else None
     await tx.execute(
@@ -107,7 +111,7 @@ async def held_jobs(tx: Tx, session: str) -> list[Row]:
 async def abandon_leases(tx: Tx, session: Row) -> None:
     """The bot of a locked session went silent holding leases: requeue them."""
     decision = Requeue(timers.abandoned_reason(session["bot_id"], tx.settings),
-                       failed_by=session["bot_id"])
+                       failed_by=session["bot_id"], cause="lease_timeout")
     for row in await held_jobs(tx, session["name"]):
         tx.effects.stats["abandoned_leases"] += 1
         await requeue(tx, row, decision)
@@ -117,7 +121,8 @@ async def abandon_leases(tx: Tx, session: Row) -> None:
 async def close_session(tx: Tx, session: Row, reason: str, *, count_attempt: bool) -> None:
     """Close a locked session: its running leases go back to the queue."""
     name = session["name"]
-    decision = Requeue(f"bot {session['bot_id']}: {reason}", count_attempt=count_attempt)
+    decision = Requeue(f"bot {session['bot_id']}: {reason}", count_attempt=count_attempt,
+                       cause="session_closed")
     for row in await held_jobs(tx, name):
         await requeue(tx, row, decision)
     await tx.execute("UPDATE grid_jobs SET lease_session = NULL WHERE lease_session = %s",

@@ -19,6 +19,7 @@ from buildfleet.scheduler.replicated import jobs
 from buildfleet.scheduler.replicated.sql import COMPLETED, JOB_COLUMNS, NOW, QUEUED, Row
 from buildfleet.scheduler.replicated.transactions import Retry, Tx
 from buildfleet.scheduler.rules import outcomes, ownership, submissions, timers
+from buildfleet.scheduler.rules.observations import Outcome
 from buildfleet.scheduler.rules.ownership import Caller
 
 _INSERT_JOB = f"""
@@ -102,6 +103,7 @@ async def submit(tx: Tx, job: dict[str, Any], *, name: str, skip_cache_lookup: b
     if job["cacheable"]:
         joined = await join(tx, digest, job["priority"], skip_cache_lookup)
         if joined is not None:
+            tx.effects.observations.deduplicated += 1
             await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"], job["owner"]))
             return joined
     submissions.check_room(tx.instance, queued, tx.settings.max_queued)
@@ -134,7 +136,8 @@ async def cancel(tx: Tx, name: str, caller: Caller | None) -> None:
         "SELECT 1 FROM grid_operations WHERE job_id = %s AND NOT cancelled LIMIT 1",
         (row["id"],))
     if wanted is None:
-        await jobs.complete(tx, row, outcomes.job_cancelled(), cancel_lease=True)
+        await jobs.complete(tx, row, outcomes.job_cancelled(), cancel_lease=True,
+                            outcome=Outcome.CANCELLED)
 
 
 async def delete(tx: Tx, name: str, caller: Caller | None) -> None:

@@ -38,6 +38,7 @@ from buildfleet.scheduler.model import (
     Lease,
     Operation,
     Properties,
+    QueueGroup,
     ReportedLease,
     Stage,
     random_id,
@@ -62,6 +63,7 @@ from buildfleet.scheduler.replicated.sql import (
 from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
 from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
 from buildfleet.scheduler.rules.matching import Fairness, qualified
+from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.scheduler.rules.timers import MAX_EVENTS
@@ -111,9 +113,12 @@ class ReplicatedScheduler:
         # Grid-wide live sessions by name, read each tick (and on calls served here).
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
+        self._groups: list[QueueGroup] = []  # the same per platform
+        self._executing = 0
         self._settler = Settler(self.db, instance, self.settings, action_cache)
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
         self.stats: Counter[str] = Counter()
+        self.observations = Observations()
         self._housekeeper = Ticker(f"replicated scheduler[{instance!r}] housekeeping",
                                    self.settings.tick, self.housekeep)
 
@@ -204,6 +209,7 @@ class ReplicatedScheduler:
         self._queued = max(0, self._queued + effects.queued)
         self.fairness.picked(effects.picks)
         self.stats.update(effects.stats)
+        self.observations.merge(effects.observations)
         for name in effects.closed:
             self._live.pop(name, None)
         for level, message, args in effects.logs:
@@ -281,6 +287,7 @@ class ReplicatedScheduler:
                 "id": job_id, "instance": self.instance, "hash": action_digest.hash,
                 "size": action_digest.size_bytes, "response": response, "operation": name,
                 "owner": owner})
+        self.observations.ended(Outcome.CACHE_HIT)
         now = time.time()
         return Operation(name=name, instance=self.instance, job_id=job_id,
                          action_digest=action_digest, stage=Stage.COMPLETED, response=response,
@@ -525,6 +532,12 @@ class ReplicatedScheduler:
     def connected_bots(self) -> int:
         return len(self._live)
 
+    def queue_groups(self) -> list[QueueGroup]:
+        return list(self._groups)
+
+    def executing(self) -> int:
+        return self._executing
+
     async def _refresh(self) -> None:
         """Read the grid-wide figures that synchronous queries answer from."""
         async with self.db.connection() as conn:
@@ -535,11 +548,18 @@ class ReplicatedScheduler:
                     FROM grid_sessions s
                     WHERE s.instance = %s AND s.last_seen > {NOW} - %s""",
                 (self.instance, self.settings.keepalive))
-            queued = await tx.value(
-                f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {QUEUED}",
+            groups = await tx.rows(
+                f"""SELECT requirements, count(*) AS queued, min(queued_at) AS oldest
+                    FROM grid_jobs WHERE instance = %s AND stage = {QUEUED}
+                    GROUP BY requirements""", (self.instance,))
+            executing = await tx.value(
+                f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {EXECUTING}",
                 (self.instance,))
         self._live = {row["name"]: session_view(row, row["held"]) for row in rows}
-        self._queued = int(queued or 0)
+        self._groups = [QueueGroup(properties_from(row["requirements"]), int(row["queued"]),
+                                   float(row["oldest"])) for row in groups]
+        self._queued = sum(group.queued for group in self._groups)
+        self._executing = int(executing or 0)
 
     # ------------------------------------------------------------- housekeeping
     async def housekeep(self) -> None:

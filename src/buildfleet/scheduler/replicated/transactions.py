@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 from buildfleet.config import SchedulerConfig
 from buildfleet.scheduler.replicated.notes import JobNews, job_note
 from buildfleet.scheduler.replicated.sql import Row
+from buildfleet.scheduler.rules.observations import Observations
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Effects:
     picks: int = 0  # assignments made, for the fairness share
     closed: set[str] = field(default_factory=set)  # sessions closed
     stats: Counter[str] = field(default_factory=Counter)
+    observations: Observations = field(default_factory=Observations)
     logs: list[tuple[int, str, tuple[Any, ...]]] = field(default_factory=list)
 
     def log(self, level: int, message: str, *args: Any) -> None:

@@ -22,6 +22,7 @@ from google.rpc import code_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.scheduler.model import Properties, ReportedLease
 from buildfleet.scheduler.protos import execute_response
+from buildfleet.scheduler.rules.observations import Outcome
 
 INFRASTRUCTURE_CODES = frozenset({code_pb2.INTERNAL, code_pb2.UNAVAILABLE})
 SHUTDOWN_EXIT_CODE = 143  # 128 + SIGTERM: the bot was stopped, not the action
@@ -36,6 +37,7 @@ class Requeue:
     count_attempt: bool = True  # False: the action is not to blame (its bot stopped)
     code: int = code_pb2.UNAVAILABLE  # the final status should the attempts run out
     failed_by: str = ""  # the bot that failed the action: other bots get it first
+    cause: str = "bot_failure"  # why, for metrics: a short fixed word
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,7 @@ class Completion:
     worker: str  # the bot that ran it
     succeeded: bool  # status OK and exit code 0: it answers identical submissions a moment
     to_cache: re_pb2.ActionResult | None  # what to write to the action cache, if anything
+    outcome: Outcome = Outcome.FAILED  # how it ended, for metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,27 +84,28 @@ def judge(report: ReportedLease, *, bot_id: str, terminating: bool) -> Ran | Req
         result = parse_result(report)
     except (ValueError, DecodeError) as error:
         return Requeue(f"bot {bot_id} sent an unusable result: {error}",
-                       code=code_pb2.INTERNAL, failed_by=bot_id)
+                       code=code_pb2.INTERNAL, failed_by=bot_id, cause="bad_result")
     code = report.status_code
     if code in INFRASTRUCTURE_CODES:
         if terminating:
             return Requeue(f"bot {bot_id} stopped before finishing the action",
-                           count_attempt=False)
+                           count_attempt=False, cause="bot_stopping")
         return Requeue(report.status_message or "infrastructure failure", code=code,
                        failed_by=bot_id)
     if code == code_pb2.OK and result is None:
         return Requeue(f"bot {bot_id} reported success without an ActionResult",
-                       code=code_pb2.INTERNAL, failed_by=bot_id)
+                       code=code_pb2.INTERNAL, failed_by=bot_id, cause="bad_result")
     if (code == code_pb2.OK and terminating and result is not None
             and result.exit_code == SHUTDOWN_EXIT_CODE):
-        return Requeue(f"bot {bot_id} stopped while running the action", count_attempt=False)
+        return Requeue(f"bot {bot_id} stopped while running the action", count_attempt=False,
+                       cause="bot_stopping")
     return Ran(code=code, message=report.status_message, result=result)
 
 
 def unstorable(bot_id: str, problem: str) -> Requeue:
     """The bot's result could not be stored (its inline outputs did not fit the CAS)."""
     return Requeue(f"bot {bot_id} sent a result that could not be stored: {problem}",
-                   code=code_pb2.INTERNAL, failed_by=bot_id)
+                   code=code_pb2.INTERNAL, failed_by=bot_id, cause="bad_result")
 
 
 def completion(ran: Ran, *, bot_id: str, queued_at: float, cacheable: bool,
@@ -118,12 +122,15 @@ def completion(ran: Ran, *, bot_id: str, queued_at: float, cacheable: bool,
     if ran.code != code_pb2.OK:
         return Completion(execute_response(code=ran.code, result=result, message=ran.message
                                            or f"the action failed on bot {bot_id}"),
-                          worker=bot_id, succeeded=False, to_cache=None)
+                          worker=bot_id, succeeded=False, to_cache=None,
+                          outcome=Outcome.TIMEOUT if ran.code == code_pb2.DEADLINE_EXCEEDED
+                          else Outcome.FAILED)
     assert result is not None  # judge() requeues a success without a result
     cache = cacheable and (result.exit_code == 0 or cache_failed_results)
     return Completion(execute_response(result=result, message=f"ran on {bot_id}"),
                       worker=bot_id, succeeded=result.exit_code == 0,
-                      to_cache=result if cache else None)
+                      to_cache=result if cache else None,
+                      outcome=Outcome.SUCCESS if result.exit_code == 0 else Outcome.FAILED)
 
 
 def requeued(requeue: Requeue, *, attempts: int, last_failure: str,

@@ -35,7 +35,7 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
     bots_pb2_grpc,
     worker_pb2,
 )
-from buildfleet.errors import InvalidArgument
+from buildfleet.errors import InvalidArgument, PermissionDenied
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.model import (
     BotSession,
@@ -183,13 +183,17 @@ class BaseBotsService:
             # Keep a margin for the answer to travel back before the deadline.
             wait = min(remaining * LONG_POLL_FRACTION, remaining - 0.2)
             wait = 0.0 if wait < MIN_POLL else wait
-        session, leases = await scheduler.update_session(
-            request.name, bot_id=body.bot_id, status=BotStatus(body.status),
-            leases=[_reported(lease) for lease in body.leases],
-            properties=worker_properties(body.worker) if has_worker else None,
-            capacity=worker_capacity(body.worker) if has_worker else None,
-            worker=body.worker.SerializeToString() if has_worker else None,
-            wait=wait, caller=principal.caller_on(instance_of_session(request.name)))
+        try:
+            session, leases = await scheduler.update_session(
+                request.name, bot_id=body.bot_id, status=BotStatus(body.status),
+                leases=[_reported(lease) for lease in body.leases],
+                properties=worker_properties(body.worker) if has_worker else None,
+                capacity=worker_capacity(body.worker) if has_worker else None,
+                worker=body.worker.SerializeToString() if has_worker else None,
+                wait=wait, caller=principal.caller_on(instance_of_session(request.name)))
+        except (InvalidArgument, PermissionDenied):
+            scheduler.observations.reports_refused += 1  # malformed, or not the bot's
+            raise
         return self._session_proto(scheduler, session, leases,
                                    body.worker if has_worker else None)
 
