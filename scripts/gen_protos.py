@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "src" / "buildfleet" / "_proto"
-OWN_PACKAGES = ("build.bazel", "google.bytestream", "google.devtools")
+OWN_PACKAGES = ("build.bazel", "buildfleet.admin", "google.bytestream", "google.devtools")
 IMPORT_RE = re.compile(
     r"^(\s*)(from|import) (" + "|".join(re.escape(p) for p in OWN_PACKAGES) + r")\b",
     re.MULTILINE,

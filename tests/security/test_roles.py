@@ -16,6 +16,8 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
+from buildfleet._proto.buildfleet.admin.v1 import admin_pb2_grpc as admin_grpc
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
@@ -100,6 +102,18 @@ METHODS: dict[str, tuple[Call, set[str]]] = {
     "PostBotEventTemp": (lambda ch, i: bots_pb2_grpc.BotsStub(ch).PostBotEventTemp(
         bots_pb2.PostBotEventTempRequest(name=f"{i}/nope" if i else "nope", msg="hi")),
         {"bot"}),
+    "Admin.ListBots": (lambda ch, i: admin_grpc.AdminStub(ch).ListBots(
+        admin_pb2.ListBotsRequest(instance_name=i)), {"read", "execute"}),
+    "Admin.GetBot": (lambda ch, i: admin_grpc.AdminStub(ch).GetBot(
+        admin_pb2.GetBotRequest(instance_name=i, bot_id="nope")), {"read", "execute"}),
+    "Admin.ListQueues": (lambda ch, i: admin_grpc.AdminStub(ch).ListQueues(
+        admin_pb2.ListQueuesRequest(instance_name=i)), {"read", "execute"}),
+    "Admin.ListDrains": (lambda ch, i: admin_grpc.AdminStub(ch).ListDrains(
+        admin_pb2.ListDrainsRequest(instance_name=i)), {"read", "execute"}),
+    "Admin.AddDrain": (lambda ch, i: admin_grpc.AdminStub(ch).AddDrain(
+        admin_pb2.AddDrainRequest(instance_name=i, pattern="role-test-*")), set()),
+    "Admin.RemoveDrain": (lambda ch, i: admin_grpc.AdminStub(ch).RemoveDrain(
+        admin_pb2.RemoveDrainRequest(instance_name=i, pattern="nope")), set()),
 }
 ROLES = ["read", "execute", "cache-write", "bot", "admin"]
 

@@ -174,4 +174,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE operations ADD COLUMN owner text NOT NULL DEFAULT '';
     ALTER TABLE sessions ADD COLUMN owner text NOT NULL DEFAULT '';
     """,
+    # version 7: drains (bots matching a pattern take no new work), in both
+    # strategies' tables: the replicated one reads them on every replica.
+    """
+    CREATE TABLE drains (
+        id text PRIMARY KEY, instance text NOT NULL, pattern text NOT NULL,
+        created_at double precision NOT NULL
+    );
+    CREATE TABLE grid_drains (
+        instance text NOT NULL, pattern text NOT NULL, created_at double precision NOT NULL,
+        PRIMARY KEY (instance, pattern)
+    );
+    """,
 ]

@@ -30,6 +30,7 @@ from buildfleet.scheduler.model import (
     QueueGroup,
     ReportedLease,
 )
+from buildfleet.scheduler.rules.drains import Drain
 from buildfleet.scheduler.rules.observations import Observations
 from buildfleet.scheduler.rules.ownership import Caller
 
@@ -107,6 +108,16 @@ class SchedulerAPI(Protocol):
     def live_sessions(self) -> Iterable[BotSession]: ...
 
     def connected_bots(self) -> int: ...
+
+    # -- drains (rules.drains): bots matching a stored pattern take no new work.
+    # InvalidArgument for a malformed pattern; adding one that exists changes nothing.
+    async def add_drain(self, pattern: str) -> Drain: ...
+
+    async def remove_drain(self, pattern: str) -> bool: ...  # False: there was none
+
+    def drains(self) -> list[Drain]: ...  # (the replicated strategy's: a tick old)
+
+    def is_drained(self, session: BotSession) -> bool: ...
 
     # -- views (for metrics; the replicated strategy's are a housekeeping tick old)
     def queue_groups(self) -> list[QueueGroup]: ...

@@ -17,6 +17,7 @@ from buildfleet.auth.authenticator import Authenticator
 from buildfleet.auth.tls import RotatingCredentials
 from buildfleet.config import ConfigError, ServerConfig, parse_listen_address
 from buildfleet.server.actioncache.service import ActionCacheService
+from buildfleet.server.admin.service import AdminService
 from buildfleet.server.auth import AuthInterceptor
 from buildfleet.server.bots.service import BotsService
 from buildfleet.server.bytestream.service import ByteStreamService
@@ -58,6 +59,7 @@ class BuildfleetServer:
                 ExecutionService(self.instances),
                 OperationsService(self.instances),
                 self.bots,
+                AdminService(self.instances),
             ]
         self.health = health.aio.HealthServicer()
         self.metrics = ServerMetrics() if config.metrics.listen is not None else None

@@ -88,6 +88,10 @@ RULES: dict[str, Rule] = {
     "/google.devtools.remoteworkers.v1test2.Bots/PostBotEventTemp": Rule(
         frozenset({Role.BOT}), lambda request: instance_of_session(request.name)),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule(READ, None),
+    **{f"/buildfleet.admin.v1.Admin/{method}": Rule(frozenset({Role.READ}), _named)
+       for method in ("ListBots", "GetBot", "ListQueues", "ListDrains")},
+    **{f"/buildfleet.admin.v1.Admin/{method}": Rule(frozenset({Role.ADMIN}), _named)
+       for method in ("AddDrain", "RemoveDrain")},
 }
 OPEN = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 

@@ -56,7 +56,7 @@ class PostgresSchedulerStore(SchedulerStore):
         state = StoredState()
         async with self.database.connection() as conn:
             for table, target in (("jobs", state.jobs), ("operations", state.operations),
-                                  ("sessions", state.sessions)):
+                                  ("sessions", state.sessions), ("drains", state.drains)):
                 cursor = conn.cursor(row_factory=dict_row)
                 await cursor.execute(f"SELECT * FROM {table} WHERE instance = %s", (instance,))
                 target.extend(await cursor.fetchall())

@@ -23,6 +23,7 @@ from buildfleet.scheduler.embedded.state import EmbeddedState
 from buildfleet.scheduler.embedded.store import Row, StoredState
 from buildfleet.scheduler.model import BotStatus, LeaseState, Properties, Stage
 from buildfleet.scheduler.rules import timers
+from buildfleet.scheduler.rules.drains import Drain
 from buildfleet.scheduler.rules.matching import lease_id
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
             version=row["version"], worker=row["worker"], owner=row.get("owner") or "")
         state.sessions[session.name] = session
         state.by_bot_id[session.bot_id] = session
+    for row in stored.drains:
+        state.drains[row["pattern"]] = Drain(row["pattern"], row["created_at"])
     max_seq = -1
     for row in sorted(stored.jobs, key=lambda r: r["seq"]):
         job = _job(state, row)

@@ -47,7 +47,7 @@ from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.results import LeasedJob, settle
 from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
-from buildfleet.scheduler.rules.matching import takes_work
+from buildfleet.scheduler.rules.drains import Drain, check_pattern, drained
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.storage.action_cache import ActionCache
@@ -284,7 +284,7 @@ class EmbeddedScheduler:
         notifier = self._sessions.subscribe(session.name)
         waiter = notifier.waiter()
         session.polls += 1
-        if takes_work(session.status) and session.free_slots:
+        if state.takes_work(session) and session.free_slots:
             state.waiting[session.name] = session
         try:
             async with asyncio.timeout(wait):
@@ -337,6 +337,23 @@ class EmbeddedScheduler:
 
     def connected_bots(self) -> int:
         return sum(1 for _ in self.state.live_sessions())
+
+    # ------------------------------------------------------------------- drains
+    async def add_drain(self, pattern: str) -> Drain:
+        drain = self.state.add_drain(check_pattern(pattern))
+        await self.store.flush()
+        return drain
+
+    async def remove_drain(self, pattern: str) -> bool:
+        removed = self.state.remove_drain(pattern.strip())
+        await self.store.flush()
+        return removed
+
+    def drains(self) -> list[Drain]:
+        return sorted(self.state.drains.values(), key=lambda drain: drain.pattern)
+
+    def is_drained(self, session: BotSession) -> bool:
+        return drained(session.bot_id, session.properties, self.state.drains)
 
     def queue_groups(self) -> list[QueueGroup]:
         return [QueueGroup(requirements, len(members),

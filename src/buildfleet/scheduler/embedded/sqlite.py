@@ -42,6 +42,13 @@ _SCHEMA = [
     ALTER TABLE operations ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     """,
+    # version 3: drains (bots matching a pattern take no new work)
+    """
+    CREATE TABLE drains (
+        id TEXT PRIMARY KEY, instance TEXT NOT NULL, pattern TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -89,7 +96,7 @@ class SqliteSchedulerStore(SchedulerStore):
         assert self._db is not None
         state = StoredState()
         for table, target in (("jobs", state.jobs), ("operations", state.operations),
-                              ("sessions", state.sessions)):
+                              ("sessions", state.sessions), ("drains", state.drains)):
             rows = self._db.execute(f"SELECT * FROM {table} WHERE instance = ?", (instance,))
             target.extend(dict(row) for row in rows)
         return state

@@ -28,6 +28,7 @@ from buildfleet.scheduler.embedded.records import (
 from buildfleet.scheduler.embedded.store import SchedulerStore
 from buildfleet.scheduler.model import BotStatus, LeaseState, Properties, Stage
 from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
+from buildfleet.scheduler.rules.drains import Drain, drained
 from buildfleet.scheduler.rules.matching import (
     lease_id,
     may_take,
@@ -84,6 +85,32 @@ class EmbeddedState:
         self.expiry: list[tuple[float, int, str]] = []
         self.stats: Counter[str] = Counter()
         self.observations = Observations()
+        self.drains: dict[str, Drain] = {}  # pattern -> drain
+
+    # ------------------------------------------------------------------- drains
+    def takes_work(self, session: SessionRecord) -> bool:
+        """Whether the session may be offered work: its status, and no drain."""
+        return takes_work(session.status) and not (
+            self.drains and drained(session.bot_id, session.properties, self.drains))
+
+    def add_drain(self, pattern: str) -> Drain:
+        drain = self.drains.get(pattern)
+        if drain is None:
+            drain = self.drains[pattern] = Drain(pattern, self.wall())
+            self.store.save_drain(self.instance, drain)
+            for session in list(self.waiting.values()):  # idle bots it drains stop waiting
+                if not self.takes_work(session):
+                    self.waiting.pop(session.name, None)
+        return drain
+
+    def remove_drain(self, pattern: str) -> bool:
+        if self.drains.pop(pattern, None) is None:
+            return False
+        self.store.delete_drain(self.instance, pattern)
+        for session in self.sessions.values():  # their next poll may bring work
+            if not session.closed:
+                self._wake_session(session)
+        return True
 
     # ----------------------------------------------------------------- submissions
     def submit(self, action_digest: Digest, action: bytes, requirements: Properties, *,
@@ -195,7 +222,7 @@ class EmbeddedState:
         """Lease `job` to a long-polling bot that may run it, or queue it."""
         now = self.clock()
         for session in self.waiting.values():
-            if (session.free_slots and takes_work(session.status)
+            if (session.free_slots and self.takes_work(session)
                     and satisfies(session.properties, job.requirements)
                     and self.may_run(job, session, now)):
                 self.lease(job, session)
@@ -221,7 +248,7 @@ class EmbeddedState:
     def assign(self, session: SessionRecord) -> list[LeaseRecord]:
         """Lease queued work to the session up to its capacity."""
         leases: list[LeaseRecord] = []
-        if session.closed or not takes_work(session.status):
+        if session.closed or not self.takes_work(session):
             return leases
         now = self.clock()
         while session.free_slots:

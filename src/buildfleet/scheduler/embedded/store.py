@@ -28,6 +28,7 @@ from typing import Any
 
 from buildfleet.errors import Unavailable
 from buildfleet.scheduler.embedded.records import JobRecord, OperationRecord, SessionRecord
+from buildfleet.scheduler.rules.drains import Drain
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class StoredState:
     jobs: list[Row] = field(default_factory=list)
     operations: list[Row] = field(default_factory=list)
     sessions: list[Row] = field(default_factory=list)
+    drains: list[Row] = field(default_factory=list)
 
 
 _PROPERTIES_JSON: dict[frozenset[tuple[str, str]], str] = {}
@@ -97,10 +99,21 @@ def session_row(session: SessionRecord) -> Row:
     }
 
 
+def drain_row(item: tuple[str, Drain]) -> Row:
+    instance, drain = item
+    return {"id": drain_key(instance, drain.pattern), "instance": instance,
+            "pattern": drain.pattern, "created_at": drain.created_at}
+
+
+def drain_key(instance: str, pattern: str) -> str:
+    return f"{instance}\n{pattern}"  # neither may contain a newline
+
+
 TABLES: dict[str, tuple[str, Callable[[Any], Row]]] = {
     "jobs": ("id", job_row),
     "operations": ("name", operation_row),
     "sessions": ("name", session_row),
+    "drains": ("id", drain_row),
 }
 
 
@@ -137,6 +150,12 @@ class SchedulerStore(abc.ABC):
 
     def delete_session(self, name: str) -> None:
         self._queue("sessions", name, None)
+
+    def save_drain(self, instance: str, drain: Drain) -> None:
+        self._queue("drains", drain_key(instance, drain.pattern), (instance, drain))
+
+    def delete_drain(self, instance: str, pattern: str) -> None:
+        self._queue("drains", drain_key(instance, pattern), None)
 
     async def flush(self) -> None:
         """Return once every change queued before this call is durable.
@@ -289,7 +308,7 @@ class MemorySchedulerStore(SchedulerStore):
     async def load(self, instance: str) -> StoredState:
         state = StoredState()
         for name, target in (("jobs", state.jobs), ("operations", state.operations),
-                             ("sessions", state.sessions)):
+                             ("sessions", state.sessions), ("drains", state.drains)):
             target.extend(r for r in self.tables[name].values() if r["instance"] == instance)
         return state
 

@@ -51,6 +51,7 @@ from buildfleet.scheduler.replicated.sql import (
 from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.results import LeasedJob
 from buildfleet.scheduler.rules import ownership, reports
+from buildfleet.scheduler.rules.drains import drained
 from buildfleet.scheduler.rules.matching import Fairness, takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
@@ -146,7 +147,8 @@ async def step(tx: Tx, name: str, report: Report | None,
         await jobs.close_session(tx, row, "the bot terminated", count_attempt=False)
         return Outcome(session=session(row["version"], 0), answer=await _answer(tx, {}, notices),
                        holds=False, closed=True)
-    if takes_work(status) and capacity > len(held):
+    if takes_work(status) and capacity > len(held) and not drained(
+            row["bot_id"], properties, tx.drains):
         for claimed in await _claim(tx, row, properties, capacity - len(held), fairness,
                                     offer_pending):
             held[row_lease_id(claimed)] = claimed

@@ -62,6 +62,7 @@ from buildfleet.scheduler.replicated.sql import (
 )
 from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
 from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
+from buildfleet.scheduler.rules.drains import Drain, check_pattern, drained
 from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -82,6 +83,7 @@ class _Waiting:
 
     event: asyncio.Event
     properties: Properties | None  # None: not known yet (any work wakes it)
+    bot_id: str = ""
 
 
 class ReplicatedScheduler:
@@ -114,6 +116,7 @@ class ReplicatedScheduler:
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
         self._groups: list[QueueGroup] = []  # the same per platform
+        self._drains: dict[str, Drain] = {}  # the grid's drains, refreshed each tick
         self._executing = 0
         self._settler = Settler(self.db, instance, self.settings, action_cache)
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
@@ -146,7 +149,9 @@ class ReplicatedScheduler:
         known, any)."""
         for name, waiting in self._waiting.items():
             if not waiting.event.is_set() and (waiting.properties is None or requirements is None
-                                               or requirements <= waiting.properties):
+                                               or requirements <= waiting.properties) and not (
+                    self._drains and waiting.properties is not None
+                    and drained(waiting.bot_id, waiting.properties, self._drains)):
                 waiting.event.set()
                 # The next job goes to another waiting bot.
                 self._waiting[name] = self._waiting.pop(name)
@@ -187,7 +192,7 @@ class ReplicatedScheduler:
             effects = Effects()
             async with self.db.transaction(pipeline=pipeline) as conn:
                 result = await body(Tx(conn, effects, self.instance, self.settings,
-                                       self.grid.channels["job"]))
+                                       self.grid.channels["job"], tuple(self._drains)))
                 await self._announce(conn, effects)
             return result, effects
 
@@ -431,7 +436,7 @@ class ReplicatedScheduler:
         # Registered before the first transaction (matching any work until the
         # session's properties are known), so that work announced while that
         # transaction runs still wakes this call.
-        waiting = _Waiting(event=asyncio.Event(), properties=None)
+        waiting = _Waiting(event=asyncio.Event(), properties=None, bot_id=bot_id)
         self._waiting[name] = waiting
         try:
             settled = await self._settler.settle(name, bot_id, status, leases, caller)
@@ -535,6 +540,35 @@ class ReplicatedScheduler:
     def queue_groups(self) -> list[QueueGroup]:
         return list(self._groups)
 
+    # ------------------------------------------------------------------- drains
+    async def add_drain(self, pattern: str) -> Drain:
+        pattern = check_pattern(pattern)
+        async with self.db.connection() as conn:
+            row = await Tx(conn, Effects(), self.instance, self.settings).row(
+                """INSERT INTO grid_drains (instance, pattern, created_at)
+                   VALUES (%s, %s, extract(epoch from clock_timestamp()))
+                   ON CONFLICT (instance, pattern) DO UPDATE SET pattern = EXCLUDED.pattern
+                   RETURNING pattern, created_at""", (self.instance, pattern))
+        assert row is not None
+        drain = self._drains[pattern] = Drain(row["pattern"], row["created_at"])
+        return drain
+
+    async def remove_drain(self, pattern: str) -> bool:
+        async with self.db.connection() as conn:
+            row = await Tx(conn, Effects(), self.instance, self.settings).row(
+                "DELETE FROM grid_drains WHERE instance = %s AND pattern = %s RETURNING pattern",
+                (self.instance, pattern.strip()))
+        self._drains.pop(pattern.strip(), None)
+        if row is not None:
+            self.wake_everything()  # bots waiting here may take work again
+        return row is not None
+
+    def drains(self) -> list[Drain]:
+        return sorted(self._drains.values(), key=lambda drain: drain.pattern)
+
+    def is_drained(self, session: BotSession) -> bool:
+        return drained(session.bot_id, session.properties, self._drains)
+
     def executing(self) -> int:
         return self._executing
 
@@ -555,6 +589,10 @@ class ReplicatedScheduler:
             executing = await tx.value(
                 f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {EXECUTING}",
                 (self.instance,))
+            drains = await tx.rows("SELECT pattern, created_at FROM grid_drains "
+                                   "WHERE instance = %s", (self.instance,))
+        self._drains = {row["pattern"]: Drain(row["pattern"], row["created_at"])
+                        for row in drains}
         self._live = {row["name"]: session_view(row, row["held"]) for row in rows}
         self._groups = [QueueGroup(properties_from(row["requirements"]), int(row["queued"]),
                                    float(row["oldest"])) for row in groups]

@@ -104,6 +104,7 @@ class Tx:
     instance: str
     settings: SchedulerConfig
     job_channel: str = ""  # where job changes are announced ("": at the end)
+    drains: tuple[str, ...] = ()  # the instance's drain patterns, as this replica knows them
 
     def announcing(self, job_id: str, news: JobNews) -> tuple[str, str] | None:
         """Note a job change; (channel, payload) for the statement making it to announce

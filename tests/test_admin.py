@@ -1,0 +1,127 @@
+"""The operator's commands against a running server, as an operator types them:
+`buildfleet bots list|show|drain|undrain|drains` and `buildfleet queues`, each in
+its table and its JSON form, and what bad input gets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from botkit import Client, StubBot
+from botprocess import SERVER_CONFIG, wait_for
+from procutil import run_buildfleet
+
+from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
+
+BOTH_SCHEDULERS = True  # the views and drains come from each strategy
+
+
+async def cli(server: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`buildfleet ARGS --server ...` on a thread (the server runs on this loop)."""
+    command, *rest = args
+    extra = ["--server", f"grpc://{server.address}"]
+    if command in ("bots",):
+        subcommand, *rest = rest
+        return await asyncio.to_thread(run_buildfleet, command, subcommand, *rest, *extra,
+                                       cwd=tmp_path)
+    return await asyncio.to_thread(run_buildfleet, command, *rest, *extra, cwd=tmp_path)
+
+
+async def as_json(server: Any, tmp_path: Path, *args: str) -> Any:
+    result = await cli(server, tmp_path, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def test_bots_queues_and_drains_from_the_command_line(start_server: Any,
+                                                            tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    spot = StubBot(server.channel, bot_id="spot-1",
+                   properties=[("OSFamily", "linux"), ("pool", "spot")])
+    steady = StubBot(server.channel, bot_id="steady-1",
+                     properties=[("OSFamily", "linux"), ("pool", "steady")], capacity=2)
+    await spot.register(status=1)
+    await steady.register(status=1)
+    assert spot.session is not None
+    await bots_pb2_grpc.BotsStub(server.channel).PostBotEventTemp(
+        bots_pb2.PostBotEventTempRequest(name=spot.session.name, msg="disk nearly full"))
+
+    async def both_listed() -> Any:  # the replicated strategy's view is a tick old
+        listed = await as_json(server, tmp_path, "bots", "list")
+        return listed if len(listed.get("bots", [])) == 2 else None
+
+    listed = await wait_for(both_listed, "both bots in `bots list`")
+    assert [b["bot_id"] for b in listed["bots"]] == ["spot-1", "steady-1"]
+    assert listed["bots"][1]["capacity"] == 2 and listed["bots"][0]["draining"] is False
+    table = (await cli(server, tmp_path, "bots", "list")).stdout.splitlines()
+    assert table[0].split() == ["BOT", "STATUS", "DRAINING", "RUNNING", "PROPERTIES"]
+    assert table[1].split() == ["spot-1", "OK", "no", "0/1", "OSFamily=linux,pool=spot"]
+    assert table[2].split() == ["steady-1", "OK", "no", "0/2", "OSFamily=linux,pool=steady"]
+    only = await as_json(server, tmp_path, "bots", "list", "steady-*")
+    assert [b["bot_id"] for b in only["bots"]] == ["steady-1"]
+
+    shown = await cli(server, tmp_path, "bots", "show", "spot-1")
+    assert shown.returncode == 0, shown.stderr
+    assert f"session:    {spot.session.name}" in shown.stdout
+    assert "disk nearly full" in shown.stdout
+    detail = await as_json(server, tmp_path, "bots", "show", "spot-1")
+    assert [e["message"] for e in detail["events"]] == ["disk nearly full"]
+    unknown = await cli(server, tmp_path, "bots", "show", "nobody")
+    assert unknown.returncode == 1
+    assert "NOT_FOUND: no live bot 'nobody'" in unknown.stderr
+
+    drained = await cli(server, tmp_path, "bots", "drain", "pool=spot")
+    assert drained.returncode == 0, drained.stderr
+    assert drained.stdout.splitlines()[1].split()[0] == "pool=spot"
+    assert drained.stdout.splitlines()[1].split()[-1] == "spot-1"
+    again = await as_json(server, tmp_path, "bots", "drain", "pool=spot")  # no change
+    assert again["bot_ids"] == ["spot-1"]
+    listed = await as_json(server, tmp_path, "bots", "list")
+    assert [b["draining"] for b in listed["bots"]] == [True, False]
+    drains = await as_json(server, tmp_path, "bots", "drains")
+    assert [d["pattern"] for d in drains["drains"]] == ["pool=spot"]
+    assert "pool=spot" in (await cli(server, tmp_path, "bots", "drains")).stdout
+
+    # queued work: two bots could run it, one takes work
+    client = Client(server.channel)
+    call = client.execute(await client.action("true", platform=[("OSFamily", "linux")]))
+    await client.first_operation(call)
+
+    async def queued() -> Any:
+        answer = await as_json(server, tmp_path, "queues")
+        return answer if answer.get("queues") else None
+
+    answer = await wait_for(queued, "the queued action in `queues`")
+    (queue,) = answer["queues"]
+    assert queue["queued"] == "1"  # int64 in JSON
+    assert (queue["matching_bots"], queue["available_bots"]) == (2, 1)
+    table = (await cli(server, tmp_path, "queues")).stdout.splitlines()
+    assert table[0].split() == ["PLATFORM", "QUEUED", "OLDEST", "MATCHING", "BOTS",
+                                "AVAILABLE"]
+    assert table[1].split()[:2] == ["OSFamily=linux", "1"]
+    assert table[-1] == "executing: 0"
+    call.cancel()
+
+    bad = await cli(server, tmp_path, "bots", "drain", "a b")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT: drain pattern 'a b' contains spaces" in bad.stderr
+    lifted = await cli(server, tmp_path, "bots", "undrain", "pool=spot")
+    assert lifted.returncode == 0 and lifted.stdout.strip() == "undrained pool=spot"
+    missing = await cli(server, tmp_path, "bots", "undrain", "pool=spot")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    assert (await as_json(server, tmp_path, "bots", "drains")) == {"drains": []}
+
+
+async def test_a_cache_only_instance_and_an_unknown_one_say_so(start_server: Any,
+                                                               tmp_path: Path) -> None:
+    server = await start_server({"instances": {"": {}, "cache": {
+        "scheduler": {"enabled": False}}}})
+    cache_only = await cli(server, tmp_path, "bots", "list", "--instance", "cache")
+    assert cache_only.returncode == 1
+    assert "UNIMPLEMENTED: instance 'cache' is a cache only" in cache_only.stderr
+    unknown = await cli(server, tmp_path, "queues", "--instance", "nope")
+    assert unknown.returncode == 1
+    assert "INVALID_ARGUMENT: unknown instance name 'nope'" in unknown.stderr
