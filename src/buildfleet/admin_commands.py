@@ -131,9 +131,15 @@ def list_bots(connection: Connection, pattern: str) -> None:
     answer = connection.call(lambda admin: admin.ListBots(admin_pb2.ListBotsRequest(
         instance_name=connection.instance, bot_id_pattern=pattern), timeout=TIMEOUT))
     connection.show(answer, lambda: aligned(
-        ["BOT", "STATUS", "DRAINING", "RUNNING", "PROPERTIES"],
+        ["BOT", "STATUS", "DRAINING", "RUNNING", "SEEN", "PROPERTIES"],
         [[bot.bot_id, bot.status, "yes" if bot.draining else "no",
-          f"{bot.running}/{bot.capacity}", _properties(bot.properties)] for bot in answer.bots]))
+          f"{bot.running}/{bot.capacity}", _seen(bot), _properties(bot.properties)]
+         for bot in answer.bots]))
+
+
+def _seen(bot: admin_pb2.Bot) -> str:
+    silent = bot.silent_for.ToTimedelta().total_seconds()
+    return "now" if silent < 1 else f"{_age(silent)} ago"
 
 
 @bots.command("show")
@@ -149,15 +155,36 @@ def show_bot(connection: Connection, bot_id: str) -> None:
         shown = [f"bot:        {bot.bot_id}", f"session:    {bot.session}",
                  f"status:     {bot.status}{' (draining)' if bot.draining else ''}",
                  f"running:    {bot.running} of {bot.capacity}",
+                 f"seen:       {_seen(bot)}",
                  f"registered: {bot.registered.ToDatetime().isoformat(sep=' ')}Z",
                  f"properties: {_properties(bot.properties)}"]
+        if bot.running_operations:
+            shown.append("running:")
+            shown += [f"  {op.name} (action {op.action_digest.hash[:12]})"
+                      for op in bot.running_operations]
         if bot.events:
             shown.append("events:")
-            shown += [f"  {event.time.ToDatetime().isoformat(sep=' ')}Z {event.type}: "
-                      f"{event.message}" for event in bot.events]
+            shown += _event_lines(bot)
         return shown
 
     connection.show(bot, lines)
+
+
+def _event_lines(bot: admin_pb2.Bot) -> list[str]:
+    return [f"  {event.time.ToDatetime().isoformat(sep=' ')}Z {event.type}: {event.message}"
+            for event in bot.events]
+
+
+@bots.command("events")
+@click.argument("bot_id")
+@connection_options
+@connected
+def bot_events(connection: Connection, bot_id: str) -> None:
+    """The recent events a bot reported (PostBotEventTemp), oldest first."""
+    bot = connection.call(lambda admin: admin.GetBot(admin_pb2.GetBotRequest(
+        instance_name=connection.instance, bot_id=bot_id), timeout=TIMEOUT))
+    events = admin_pb2.Bot(bot_id=bot.bot_id, events=bot.events)
+    connection.show(events, lambda: [line.strip() for line in _event_lines(bot)] or ["(none)"])
 
 
 def _drain_lines(drains: Sequence[admin_pb2.Drain]) -> list[str]:
@@ -217,3 +244,99 @@ def queues(connection: Connection) -> None:
         return [*table, f"executing: {answer.executing}"]
 
     connection.show(answer, lines)
+
+
+@click.group()
+def ops() -> None:
+    """See and cancel the operations of an instance (the Admin API of a server)."""
+
+
+def _when(stamp: Any) -> str:
+    return stamp.ToDatetime().isoformat(sep=" ", timespec="seconds") if stamp.seconds else "-"
+
+
+def _outcome(summary: admin_pb2.OperationSummary) -> str:
+    if summary.stage != "COMPLETED":
+        return "-"
+    if summary.cached:
+        return "cached"
+    if summary.ran and summary.status == "OK":
+        return f"exit {summary.exit_code}"
+    return summary.status or "OK"
+
+
+@ops.command("list")
+@click.option("--stage", type=click.Choice(["QUEUED", "EXECUTING", "COMPLETED"],
+                                           case_sensitive=False), default=None)
+@click.option("--bot", "bot_id", default="", help="Only those this bot runs or ran.")
+@click.option("--action", "action_hash", default="", metavar="HASH",
+              help="Only those of this action digest's hash.")
+@click.option("--submitter", default="", help="Only those of this principal.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000),
+              help="How many, newest first.")
+@connection_options
+@connected
+def list_ops(connection: Connection, stage: str | None, bot_id: str, action_hash: str,
+             submitter: str, limit: int) -> None:
+    """The operations of the instance, newest first."""
+    answer = connection.call(lambda admin: admin.ListOperations(
+        admin_pb2.ListOperationsRequest(
+            instance_name=connection.instance, stage=stage or "", bot_id=bot_id,
+            action_hash=action_hash, submitter=submitter, page_size=limit),
+        timeout=TIMEOUT))
+    connection.show(answer, lambda: aligned(
+        ["OPERATION", "STAGE", "OUTCOME", "QUEUED", "BOT", "ACTION"],
+        [[o.name, o.stage, _outcome(o), _when(o.queued), o.worker or "-",
+          o.action_digest.hash[:12]] for o in answer.operations]))
+
+
+def _detail_lines(detail: admin_pb2.OperationDetail) -> list[str]:
+    summary = detail.summary
+    lines = [f"operation:  {summary.name}", f"stage:      {summary.stage}"
+             + (" (cancelled)" if summary.cancelled else ""),
+             f"action:     {summary.action_digest.hash}/{summary.action_digest.size_bytes}",
+             f"submitter:  {summary.submitter or '-'}", f"bot:        {summary.worker or '-'}",
+             f"attempts:   {summary.attempts}"]
+    if summary.stage == "COMPLETED":
+        lines.append(f"outcome:    {_outcome(summary)}"
+                     + (f" ({summary.message})" if summary.message else ""))
+    if detail.arguments:
+        lines.append("command:    " + " ".join(detail.arguments))
+    if detail.working_directory:
+        lines.append(f"in:         {detail.working_directory}")
+    if detail.platform:
+        lines.append(f"platform:   {_properties(detail.platform)}")
+    metadata = detail.execution_metadata
+    for label, stamp in (("queued", metadata.queued_timestamp),
+                         ("started", metadata.worker_start_timestamp),
+                         ("executed", metadata.execution_start_timestamp),
+                         ("finished", metadata.execution_completed_timestamp),
+                         ("reported", metadata.worker_completed_timestamp)):
+        if stamp.seconds:
+            lines.append(f"{label + ':':11} {_when(stamp)}")
+    for label, digest in (("stdout", detail.stdout_digest), ("stderr", detail.stderr_digest)):
+        if digest.hash:
+            lines.append(f"{label + ':':11} blobs/{digest.hash}/{digest.size_bytes}")
+    return lines
+
+
+@ops.command("show")
+@click.argument("name")
+@connection_options
+@connected
+def show_op(connection: Connection, name: str) -> None:
+    """One operation: its action's command and platform, its bot and its timeline."""
+    detail = connection.call(lambda admin: admin.GetOperation(
+        admin_pb2.GetOperationRequest(name=name), timeout=TIMEOUT))
+    connection.show(detail, lambda: _detail_lines(detail))
+
+
+@ops.command("cancel")
+@click.argument("name")
+@connection_options
+@connected
+def cancel_op(connection: Connection, name: str) -> None:
+    """Cancel an operation (anyone's: the admin role)."""
+    detail = connection.call(lambda admin: admin.CancelOperation(
+        admin_pb2.CancelOperationRequest(name=name), timeout=TIMEOUT))
+    connection.show(detail, lambda: [f"cancelled {detail.summary.name}"])

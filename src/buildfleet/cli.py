@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from buildfleet import __version__
-from buildfleet.admin_commands import bots, queues
+from buildfleet.admin_commands import bots, ops, queues
 from buildfleet.config import ConfigError, load_config
 from buildfleet.errors import Unavailable
 from buildfleet.up import up
@@ -143,4 +143,5 @@ def token(principal: str, grants: tuple[str, ...], tokens_file: Path | None) -> 
 main.add_command(bot)  # `buildfleet bot`, defined with the bot in buildfleet.worker
 main.add_command(bots)  # `buildfleet bots ...` and `buildfleet queues`: the Admin API
 main.add_command(queues)
+main.add_command(ops)
 main.add_command(up)  # `buildfleet up`: server plus local bots, in buildfleet.up

@@ -176,3 +176,41 @@ async def test_a_client_cannot_forge_a_cached_result_or_pose_as_a_bot(
 async def _drain(call: object) -> None:
     async for _ in call:  # type: ignore[attr-defined]
         pass
+
+
+async def test_the_admin_api_shows_a_principal_only_its_own_operations(
+        start_server: StartServer, keys: Keys) -> None:
+    from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
+    from buildfleet._proto.buildfleet.admin.v1 import admin_pb2_grpc as admin_grpc
+
+    grid = await start_server(secure_config(keys))
+    alice, reader, root = (keys.token("alice", "execute"), keys.token("carol", "read"),
+                           keys.token("root", "admin"))
+    async with channel(grid.address, keys, token=alice) as as_alice, \
+            channel(grid.address, keys, token=reader) as as_reader, \
+            channel(grid.address, keys, token=root) as as_root:
+        client = Client(as_alice)
+        call = client.execute(await client.action("echo", "private"))
+        name = (await client.first_operation(call)).name
+
+        async def listed(ch: grpc.aio.Channel) -> list[str]:
+            answer = await admin_grpc.AdminStub(ch).ListOperations(
+                admin_pb2.ListOperationsRequest(instance_name=""))
+            return [op.name for op in answer.operations]
+
+        assert await listed(as_alice) == [name]
+        assert await listed(as_reader) == []  # a reader sees nobody else's work
+        assert await listed(as_root) == [name]
+        assert await code_of(admin_grpc.AdminStub(as_reader).GetOperation(
+            admin_pb2.GetOperationRequest(name=name))) == "NOT_FOUND"
+        shown = await admin_grpc.AdminStub(as_root).GetOperation(
+            admin_pb2.GetOperationRequest(name=name))
+        assert list(shown.arguments) == ["echo", "private"]
+        assert shown.summary.submitter == "alice"
+        # cancelling through the Admin API is the admin's, even for one's own
+        assert await code_of(admin_grpc.AdminStub(as_alice).CancelOperation(
+            admin_pb2.CancelOperationRequest(name=name))) == "PERMISSION_DENIED"
+        cancelled = await admin_grpc.AdminStub(as_root).CancelOperation(
+            admin_pb2.CancelOperationRequest(name=name))
+        assert cancelled.summary.cancelled
+        call.cancel()

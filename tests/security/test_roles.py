@@ -110,6 +110,12 @@ METHODS: dict[str, tuple[Call, set[str]]] = {
         admin_pb2.ListQueuesRequest(instance_name=i)), {"read", "execute"}),
     "Admin.ListDrains": (lambda ch, i: admin_grpc.AdminStub(ch).ListDrains(
         admin_pb2.ListDrainsRequest(instance_name=i)), {"read", "execute"}),
+    "Admin.ListOperations": (lambda ch, i: admin_grpc.AdminStub(ch).ListOperations(
+        admin_pb2.ListOperationsRequest(instance_name=i)), {"read", "execute"}),
+    "Admin.GetOperation": (lambda ch, i: admin_grpc.AdminStub(ch).GetOperation(
+        admin_pb2.GetOperationRequest(name=_op(i))), {"read", "execute"}),
+    "Admin.CancelOperation": (lambda ch, i: admin_grpc.AdminStub(ch).CancelOperation(
+        admin_pb2.CancelOperationRequest(name=_op(i))), set()),
     "Admin.AddDrain": (lambda ch, i: admin_grpc.AdminStub(ch).AddDrain(
         admin_pb2.AddDrainRequest(instance_name=i, pattern="role-test-*")), set()),
     "Admin.RemoveDrain": (lambda ch, i: admin_grpc.AdminStub(ch).RemoveDrain(

@@ -111,6 +111,7 @@ class BotSession:
     worker: bytes = b""  # the Worker message as last sent, echoed back
     created_at: float = 0.0  # wall clock
     owner: str = ""  # the principal that created it ("": authentication is off)
+    silent_for: float = 0.0  # seconds since its last call ended (0: in a call now)
 
     @property
     def free_slots(self) -> int:

@@ -89,7 +89,9 @@ RULES: dict[str, Rule] = {
         frozenset({Role.BOT}), lambda request: instance_of_session(request.name)),
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Rule(READ, None),
     **{f"/buildfleet.admin.v1.Admin/{method}": Rule(frozenset({Role.READ}), _named)
-       for method in ("ListBots", "GetBot", "ListQueues", "ListDrains")},
+       for method in ("ListBots", "GetBot", "ListQueues", "ListDrains", "ListOperations")},
+    "/buildfleet.admin.v1.Admin/GetOperation": Rule(frozenset({Role.READ}), _operation),
+    "/buildfleet.admin.v1.Admin/CancelOperation": Rule(frozenset({Role.ADMIN}), _operation),
     **{f"/buildfleet.admin.v1.Admin/{method}": Rule(frozenset({Role.ADMIN}), _named)
        for method in ("AddDrain", "RemoveDrain")},
 }

@@ -226,10 +226,11 @@ class Runner:
         if limits:
             # unsandboxed, env(1) takes back out the PWD that the gate's shell exports
             argv = gated(argv if start.sandboxed else through_env(argv, environment))
-            gate_read, gate_write = os.pipe()
-            if self.config.cgroups is not None:
-                group = await in_thread(self.config.cgroups.make, limits)
         try:
+            if limits:
+                if self.config.cgroups is not None:
+                    group = await in_thread(self.config.cgroups.make, limits)
+                gate_read, gate_write = os.pipe()
             try:
                 process = await asyncio.create_subprocess_exec(
                     *argv, cwd=start.cwd, env=environment,

@@ -134,8 +134,12 @@ class SessionRecord:
     def free_slots(self) -> int:
         return max(0, self.capacity - len(self.leases))
 
-    def view(self) -> BotSession:
+    def view(self, now: float | None = None) -> BotSession:
+        """The session as callers see it; with `now` (the monotonic clock), how long it
+        has been silent."""
+        silent = 0.0 if now is None or self.open_calls else max(0.0, now - self.last_seen)
         return BotSession(name=self.name, instance=self.instance, bot_id=self.bot_id,
                           status=self.status, properties=self.properties,
                           capacity=self.capacity, held=len(self.leases), version=self.version,
-                          worker=self.worker, created_at=self.created_at, owner=self.owner)
+                          worker=self.worker, created_at=self.created_at, owner=self.owner,
+                          silent_for=silent)

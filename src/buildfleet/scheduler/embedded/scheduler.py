@@ -333,7 +333,8 @@ class EmbeddedScheduler:
         return len(self.state.waiting)
 
     def live_sessions(self) -> Iterable[BotSession]:
-        return [session.view() for session in self.state.live_sessions()]
+        now = self.state.clock()
+        return [session.view(now) for session in self.state.live_sessions()]
 
     def connected_bots(self) -> int:
         return sum(1 for _ in self.state.live_sessions())

@@ -578,7 +578,8 @@ class ReplicatedScheduler:
             tx = Tx(conn, Effects(), self.instance, self.settings)
             rows = await tx.rows(
                 f"""SELECT s.*, (SELECT count(*) FROM grid_jobs j WHERE j.lease_session = s.name
-                                 AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}) AS held
+                                 AND j.stage = {EXECUTING} AND j.{LIVE_LEASE}) AS held,
+                           {NOW} - s.last_seen AS since_seen
                     FROM grid_sessions s
                     WHERE s.instance = %s AND s.last_seen > {NOW} - %s""",
                 (self.instance, self.settings.keepalive))

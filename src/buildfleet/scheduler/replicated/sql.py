@@ -103,4 +103,4 @@ def session_view(row: Row, held: int) -> BotSession:
                       properties=properties_from(row["properties"]),
                       capacity=row["capacity"], held=held, version=row["version"],
                       worker=bytes(row["worker"]), created_at=row["created_at"],
-                      owner=row["owner"])
+                      owner=row["owner"], silent_for=max(0.0, row.get("since_seen") or 0.0))

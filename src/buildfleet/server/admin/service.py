@@ -8,15 +8,25 @@ import time
 from fnmatch import fnmatchcase
 
 import grpc
+from google.rpc import code_pb2
 
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
-from buildfleet.errors import NotFound
+from buildfleet.client.cas import proto_digest
+from buildfleet.digest import Digest
+from buildfleet.errors import BuildfleetError, InvalidArgument, NotFound
 from buildfleet.scheduler.api import SchedulerAPI
-from buildfleet.scheduler.model import BotSession, Properties
+from buildfleet.scheduler.model import BotSession, Operation, Properties, Stage
 from buildfleet.scheduler.rules.drains import Drain, matches
 from buildfleet.scheduler.rules.matching import satisfies, takes_work
-from buildfleet.server.execution.service import executing_scheduler
+from buildfleet.server import principal
+from buildfleet.server.execution.service import (
+    executing_scheduler,
+    instance_of_operation,
+    scheduler_for_operation,
+)
 from buildfleet.server.instance import Instances
+from buildfleet.server.operations.service import paged
 from buildfleet.server.rpc import add_service, rpc
 
 EVENTS_SHOWN = 50  # a bot's latest events in GetBot
@@ -46,6 +56,7 @@ class AdminService:
             capacity=session.capacity, running=session.held,
             draining=scheduler.is_drained(session))
         bot.registered.FromNanoseconds(int(session.created_at * 1e9))
+        bot.silent_for.FromNanoseconds(int(session.silent_for * 1e9))
         return bot
 
     @rpc
@@ -67,6 +78,11 @@ class AdminService:
             raise NotFound(f"no live bot {request.bot_id!r} on instance "
                            f"{request.instance_name!r}")
         bot = self._bot(scheduler, session)
+        caller = principal.caller_on(request.instance_name)
+        bot.running_operations.extend(
+            self._summary(op) for op in sorted(
+                await scheduler.list_operations(caller), key=lambda op: op.created_at)
+            if op.worker == session.bot_id and op.stage == Stage.EXECUTING)
         for event in (await scheduler.bot_events(session.bot_id))[-EVENTS_SHOWN:]:
             shown = bot.events.add(type=event.type, message=event.message)
             shown.time.FromNanoseconds(int(event.time * 1e9))
@@ -122,3 +138,106 @@ class AdminService:
                            f"{request.pattern.strip()!r}")
         return self._drain(scheduler, request.instance_name,
                            existing or Drain(request.pattern.strip(), time.time()))
+
+    # --------------------------------------------------------------- operations
+    @staticmethod
+    def _summary(operation: Operation) -> admin_pb2.OperationSummary:
+        summary = admin_pb2.OperationSummary(
+            name=operation.name, stage=operation.stage.name,
+            action_digest=proto_digest(operation.action_digest), submitter=operation.owner,
+            worker=operation.worker, attempts=operation.attempts,
+            cancelled=operation.cancelled)
+        summary.queued.FromNanoseconds(int(operation.queued_at * 1e9))
+        response = _response(operation)
+        if response is not None:
+            code = response.status.code
+            summary.status = code_pb2.Code.Name(code) if code in code_pb2.Code.values() \
+                else str(code)
+            summary.message = response.status.message or response.message
+            summary.cached = response.cached_result
+            if response.HasField("result"):
+                summary.ran, summary.exit_code = True, response.result.exit_code
+        return summary
+
+    @rpc
+    async def ListOperations(self, request: admin_pb2.ListOperationsRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext
+                             ) -> admin_pb2.ListOperationsResponse:
+        scheduler = self._scheduler(request.instance_name)
+        stage = request.stage.upper()
+        if stage and stage not in ("QUEUED", "EXECUTING", "COMPLETED"):
+            raise InvalidArgument(f"stage {request.stage!r}: use QUEUED, EXECUTING or "
+                                  "COMPLETED")
+        caller = principal.caller_on(request.instance_name)
+        selected = [op for op in await scheduler.list_operations(caller)
+                    if (not stage or op.stage.name == stage)
+                    and (not request.bot_id or op.worker == request.bot_id)
+                    and (not request.action_hash or op.action_digest.hash == request.action_hash)
+                    and (not request.submitter or op.owner == request.submitter)]
+        page, token = paged(selected, instance=request.instance_name,
+                            page_size=request.page_size, page_token=request.page_token,
+                            newest_first=True)
+        if caller is not None and caller.admin:
+            principal.note_admin("listed the operations of instance "
+                                 f"{request.instance_name!r}", "*")
+        return admin_pb2.ListOperationsResponse(
+            operations=[self._summary(op) for op in page], next_page_token=token)
+
+    async def _detail(self, operation: Operation) -> admin_pb2.OperationDetail:
+        detail = admin_pb2.OperationDetail(summary=self._summary(operation))
+        instance = self.instances.get(operation.instance)
+        try:
+            action = await instance.cas.get_message(operation.action_digest, re_pb2.Action,
+                                                    "action")
+            command = None if action is None else await instance.cas.get_message(
+                Digest.from_proto(action.command_digest, "command"), re_pb2.Command,
+                "command")
+        except BuildfleetError:
+            action = command = None  # gone or unreadable: the operation is still shown
+        if action is not None:
+            if action.HasField("timeout"):
+                detail.timeout.CopyFrom(action.timeout)
+            platform = action.platform if action.platform.properties else (
+                command.platform if command is not None else re_pb2.Platform())
+            detail.platform.extend(_properties(frozenset(
+                (p.name, p.value) for p in platform.properties)))
+        if command is not None:
+            detail.arguments.extend(command.arguments)
+            detail.working_directory = command.working_directory
+            detail.output_paths.extend(command.output_paths or [
+                *command.output_files, *command.output_directories])
+        response = _response(operation)
+        if response is not None and response.HasField("result"):
+            result = response.result
+            detail.execution_metadata.CopyFrom(result.execution_metadata)
+            detail.stdout_digest.CopyFrom(result.stdout_digest)
+            detail.stderr_digest.CopyFrom(result.stderr_digest)
+        return detail
+
+    @rpc
+    async def GetOperation(self, request: admin_pb2.GetOperationRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> admin_pb2.OperationDetail:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        operation = await scheduler.get_operation(
+            request.name, principal.caller_on(instance_of_operation(request.name)))
+        principal.note_admin(f"read operation {request.name!r}", operation.owner)
+        return await self._detail(operation)
+
+    @rpc
+    async def CancelOperation(self, request: admin_pb2.CancelOperationRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> admin_pb2.OperationDetail:
+        scheduler = scheduler_for_operation(self.instances, request.name)
+        caller = principal.caller_on(instance_of_operation(request.name))
+        owner = (await scheduler.get_operation(request.name, caller)).owner
+        await scheduler.cancel_operation(request.name, caller)
+        principal.note_admin(f"cancelled operation {request.name!r}", owner)
+        return await self._detail(await scheduler.get_operation(request.name, caller))
+
+
+def _response(operation: Operation) -> re_pb2.ExecuteResponse | None:
+    if operation.response is None:
+        return None
+    response = re_pb2.ExecuteResponse()
+    response.ParseFromString(operation.response)
+    return response
+

@@ -86,6 +86,26 @@ def _after(token: str, instance: str) -> tuple[float, str] | None:
                               f"instance {instance!r}") from None
 
 
+def paged(operations: list[Operation], *, instance: str, page_size: int, page_token: str,
+          newest_first: bool = False) -> tuple[list[Operation], str]:
+    """One page of `operations` in creation order (or newest first) and the token of the
+    next page ("" after the last); InvalidArgument for a bad size or token."""
+    if page_size < 0:
+        raise InvalidArgument("page_size must not be negative")
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    after = _after(page_token, instance)
+    ordered = sorted(operations, key=_sort_key, reverse=newest_first)
+    if after is None:
+        start = 0
+    elif newest_first:
+        start = next((i for i, op in enumerate(ordered) if _sort_key(op) < after),
+                     len(ordered))
+    else:
+        start = bisect.bisect_right(ordered, after, key=_sort_key)
+    page = ordered[start:start + size]
+    return page, _page_token(instance, page[-1]) if start + size < len(ordered) else ""
+
+
 def _caller(name: str) -> Caller | None:
     return principal.caller_on(instance_of_operation(name))
 
@@ -115,21 +135,13 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         scheduler = executing_scheduler(self.instances.get(request.name))
         caller = principal.caller_on(request.name)
         matches = _matcher(request.filter)
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _after(request.page_token, request.name)
-        selected = sorted((op for op in await scheduler.list_operations(caller)
-                           if matches(op)), key=_sort_key)
+        selected = [op for op in await scheduler.list_operations(caller) if matches(op)]
+        page, token = paged(selected, instance=request.name, page_size=request.page_size,
+                            page_token=request.page_token)
         if caller is not None and caller.admin:
             principal.note_admin(f"listed the operations of instance {request.name!r}", "*")
-        start = 0 if after is None else bisect.bisect_right(selected, after, key=_sort_key)
-        page = selected[start:start + size]
-        response = operations_pb2.ListOperationsResponse(
-            operations=[operation_proto(op) for op in page])
-        if start + size < len(selected):
-            response.next_page_token = _page_token(request.name, page[-1])
-        return response
+        return operations_pb2.ListOperationsResponse(
+            operations=[operation_proto(op) for op in page], next_page_token=token)
 
     @rpc
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,  # noqa: N802

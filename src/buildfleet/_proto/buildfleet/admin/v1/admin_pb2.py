@@ -23,45 +23,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62uildfleet/admin/v1/admin.proto\x12\x13\x62uildfleet.admin.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x08Property\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"S\n\x08\x42otEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x94\x02\n\x03\x42ot\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x31\n\nproperties\x18\x05 \x03(\x0b\x32\x1d.buildfleet.admin.v1.Property\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12.\n\nregistered\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06\x65vents\x18\n \x03(\x0b\x32\x1d.buildfleet.admin.v1.BotEvent\"@\n\x0fListBotsRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x16\n\x0e\x62ot_id_pattern\x18\x02 \x01(\t\":\n\x10ListBotsResponse\x12&\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x18.buildfleet.admin.v1.Bot\"6\n\rGetBotRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\"\xaa\x01\n\x05Queue\x12\x33\n\x0crequirements\x18\x01 \x03(\x0b\x32\x1d.buildfleet.admin.v1.Property\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12-\n\noldest_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmatching_bots\x18\x04 \x01(\x05\x12\x16\n\x0e\x61vailable_bots\x18\x05 \x01(\x05\"*\n\x11ListQueuesRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"S\n\x12ListQueuesResponse\x12*\n\x06queues\x18\x01 \x03(\x0b\x32\x1a.buildfleet.admin.v1.Queue\x12\x11\n\texecuting\x18\x02 \x01(\x03\"m\n\x05\x44rain\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x62ot_ids\x18\x04 \x03(\t\"*\n\x11ListDrainsRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"@\n\x12ListDrainsResponse\x12*\n\x06\x64rains\x18\x01 \x03(\x0b\x32\x1a.buildfleet.admin.v1.Drain\"9\n\x0f\x41\x64\x64\x44rainRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\"<\n\x12RemoveDrainRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t2\x88\x04\n\x05\x41\x64min\x12W\n\x08ListBots\x12$.buildfleet.admin.v1.ListBotsRequest\x1a%.buildfleet.admin.v1.ListBotsResponse\x12\x46\n\x06GetBot\x12\".buildfleet.admin.v1.GetBotRequest\x1a\x18.buildfleet.admin.v1.Bot\x12]\n\nListQueues\x12&.buildfleet.admin.v1.ListQueuesRequest\x1a\'.buildfleet.admin.v1.ListQueuesResponse\x12]\n\nListDrains\x12&.buildfleet.admin.v1.ListDrainsRequest\x1a\'.buildfleet.admin.v1.ListDrainsResponse\x12L\n\x08\x41\x64\x64\x44rain\x12$.buildfleet.admin.v1.AddDrainRequest\x1a\x1a.buildfleet.admin.v1.Drain\x12R\n\x0bRemoveDrain\x12\'.buildfleet.admin.v1.RemoveDrainRequest\x1a\x1a.buildfleet.admin.v1.Drainb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x62uildfleet/admin/v1/admin.proto\x12\x13\x62uildfleet.admin.v1\x1a\x36\x62uild/bazel/remote/execution/v2/remote_execution.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\'\n\x08Property\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"S\n\x08\x42otEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x86\x03\n\x03\x42ot\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x31\n\nproperties\x18\x05 \x03(\x0b\x32\x1d.buildfleet.admin.v1.Property\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12.\n\nregistered\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06\x65vents\x18\n \x03(\x0b\x32\x1d.buildfleet.admin.v1.BotEvent\x12\x41\n\x12running_operations\x18\x0b \x03(\x0b\x32%.buildfleet.admin.v1.OperationSummary\x12-\n\nsilent_for\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x0fListBotsRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x16\n\x0e\x62ot_id_pattern\x18\x02 \x01(\t\":\n\x10ListBotsResponse\x12&\n\x04\x62ots\x18\x01 \x03(\x0b\x32\x18.buildfleet.admin.v1.Bot\"6\n\rGetBotRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x02 \x01(\t\"\xaa\x01\n\x05Queue\x12\x33\n\x0crequirements\x18\x01 \x03(\x0b\x32\x1d.buildfleet.admin.v1.Property\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12-\n\noldest_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmatching_bots\x18\x04 \x01(\x05\x12\x16\n\x0e\x61vailable_bots\x18\x05 \x01(\x05\"*\n\x11ListQueuesRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"S\n\x12ListQueuesResponse\x12*\n\x06queues\x18\x01 \x03(\x0b\x32\x1a.buildfleet.admin.v1.Queue\x12\x11\n\texecuting\x18\x02 \x01(\x03\"m\n\x05\x44rain\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\x12+\n\x07\x63reated\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x62ot_ids\x18\x04 \x03(\t\"*\n\x11ListDrainsRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"@\n\x12ListDrainsResponse\x12*\n\x06\x64rains\x18\x01 \x03(\x0b\x32\x1a.buildfleet.admin.v1.Drain\"9\n\x0f\x41\x64\x64\x44rainRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\"<\n\x12RemoveDrainRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\x0f\n\x07pattern\x18\x02 \x01(\t\"\xb4\x02\n\x10OperationSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12>\n\raction_digest\x18\x03 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12\x11\n\tsubmitter\x18\x04 \x01(\t\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12*\n\x06queued\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\x11\n\tcancelled\x18\x08 \x01(\x08\x12\x0e\n\x06status\x18\t \x01(\t\x12\x0f\n\x07message\x18\n \x01(\t\x12\x0b\n\x03ran\x18\x0b \x01(\x08\x12\x11\n\texit_code\x18\x0c \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\r \x01(\x08\"\xbf\x03\n\x0fOperationDetail\x12\x36\n\x07summary\x18\x01 \x01(\x0b\x32%.buildfleet.admin.v1.OperationSummary\x12\x11\n\targuments\x18\x02 \x03(\t\x12\x19\n\x11working_directory\x18\x03 \x01(\t\x12/\n\x08platform\x18\x04 \x03(\x0b\x32\x1d.buildfleet.admin.v1.Property\x12\x14\n\x0coutput_paths\x18\x05 \x03(\t\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12S\n\x12\x65xecution_metadata\x18\x07 \x01(\x0b\x32\x37.build.bazel.remote.execution.v2.ExecutedActionMetadata\x12>\n\rstdout_digest\x18\x08 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12>\n\rstderr_digest\x18\t \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\"\x9c\x01\n\x15ListOperationsRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0e\n\x06\x62ot_id\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63tion_hash\x18\x04 \x01(\t\x12\x11\n\tsubmitter\x18\x05 \x01(\t\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"l\n\x16ListOperationsResponse\x12\x39\n\noperations\x18\x01 \x03(\x0b\x32%.buildfleet.admin.v1.OperationSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xb9\x06\n\x05\x41\x64min\x12W\n\x08ListBots\x12$.buildfleet.admin.v1.ListBotsRequest\x1a%.buildfleet.admin.v1.ListBotsResponse\x12\x46\n\x06GetBot\x12\".buildfleet.admin.v1.GetBotRequest\x1a\x18.buildfleet.admin.v1.Bot\x12]\n\nListQueues\x12&.buildfleet.admin.v1.ListQueuesRequest\x1a\'.buildfleet.admin.v1.ListQueuesResponse\x12]\n\nListDrains\x12&.buildfleet.admin.v1.ListDrainsRequest\x1a\'.buildfleet.admin.v1.ListDrainsResponse\x12L\n\x08\x41\x64\x64\x44rain\x12$.buildfleet.admin.v1.AddDrainRequest\x1a\x1a.buildfleet.admin.v1.Drain\x12R\n\x0bRemoveDrain\x12\'.buildfleet.admin.v1.RemoveDrainRequest\x1a\x1a.buildfleet.admin.v1.Drain\x12i\n\x0eListOperations\x12*.buildfleet.admin.v1.ListOperationsRequest\x1a+.buildfleet.admin.v1.ListOperationsResponse\x12^\n\x0cGetOperation\x12(.buildfleet.admin.v1.GetOperationRequest\x1a$.buildfleet.admin.v1.OperationDetail\x12\x64\n\x0f\x43\x61ncelOperation\x12+.buildfleet.admin.v1.CancelOperationRequest\x1a$.buildfleet.admin.v1.OperationDetailb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'buildfleet.admin.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPERTY']._serialized_start=121
-  _globals['_PROPERTY']._serialized_end=160
-  _globals['_BOTEVENT']._serialized_start=162
-  _globals['_BOTEVENT']._serialized_end=245
-  _globals['_BOT']._serialized_start=248
-  _globals['_BOT']._serialized_end=524
-  _globals['_LISTBOTSREQUEST']._serialized_start=526
-  _globals['_LISTBOTSREQUEST']._serialized_end=590
-  _globals['_LISTBOTSRESPONSE']._serialized_start=592
-  _globals['_LISTBOTSRESPONSE']._serialized_end=650
-  _globals['_GETBOTREQUEST']._serialized_start=652
-  _globals['_GETBOTREQUEST']._serialized_end=706
-  _globals['_QUEUE']._serialized_start=709
-  _globals['_QUEUE']._serialized_end=879
-  _globals['_LISTQUEUESREQUEST']._serialized_start=881
-  _globals['_LISTQUEUESREQUEST']._serialized_end=923
-  _globals['_LISTQUEUESRESPONSE']._serialized_start=925
-  _globals['_LISTQUEUESRESPONSE']._serialized_end=1008
-  _globals['_DRAIN']._serialized_start=1010
-  _globals['_DRAIN']._serialized_end=1119
-  _globals['_LISTDRAINSREQUEST']._serialized_start=1121
-  _globals['_LISTDRAINSREQUEST']._serialized_end=1163
-  _globals['_LISTDRAINSRESPONSE']._serialized_start=1165
-  _globals['_LISTDRAINSRESPONSE']._serialized_end=1229
-  _globals['_ADDDRAINREQUEST']._serialized_start=1231
-  _globals['_ADDDRAINREQUEST']._serialized_end=1288
-  _globals['_REMOVEDRAINREQUEST']._serialized_start=1290
-  _globals['_REMOVEDRAINREQUEST']._serialized_end=1350
-  _globals['_ADMIN']._serialized_start=1353
-  _globals['_ADMIN']._serialized_end=1873
+  _globals['_PROPERTY']._serialized_start=177
+  _globals['_PROPERTY']._serialized_end=216
+  _globals['_BOTEVENT']._serialized_start=218
+  _globals['_BOTEVENT']._serialized_end=301
+  _globals['_BOT']._serialized_start=304
+  _globals['_BOT']._serialized_end=694
+  _globals['_LISTBOTSREQUEST']._serialized_start=696
+  _globals['_LISTBOTSREQUEST']._serialized_end=760
+  _globals['_LISTBOTSRESPONSE']._serialized_start=762
+  _globals['_LISTBOTSRESPONSE']._serialized_end=820
+  _globals['_GETBOTREQUEST']._serialized_start=822
+  _globals['_GETBOTREQUEST']._serialized_end=876
+  _globals['_QUEUE']._serialized_start=879
+  _globals['_QUEUE']._serialized_end=1049
+  _globals['_LISTQUEUESREQUEST']._serialized_start=1051
+  _globals['_LISTQUEUESREQUEST']._serialized_end=1093
+  _globals['_LISTQUEUESRESPONSE']._serialized_start=1095
+  _globals['_LISTQUEUESRESPONSE']._serialized_end=1178
+  _globals['_DRAIN']._serialized_start=1180
+  _globals['_DRAIN']._serialized_end=1289
+  _globals['_LISTDRAINSREQUEST']._serialized_start=1291
+  _globals['_LISTDRAINSREQUEST']._serialized_end=1333
+  _globals['_LISTDRAINSRESPONSE']._serialized_start=1335
+  _globals['_LISTDRAINSRESPONSE']._serialized_end=1399
+  _globals['_ADDDRAINREQUEST']._serialized_start=1401
+  _globals['_ADDDRAINREQUEST']._serialized_end=1458
+  _globals['_REMOVEDRAINREQUEST']._serialized_start=1460
+  _globals['_REMOVEDRAINREQUEST']._serialized_end=1520
+  _globals['_OPERATIONSUMMARY']._serialized_start=1523
+  _globals['_OPERATIONSUMMARY']._serialized_end=1831
+  _globals['_OPERATIONDETAIL']._serialized_start=1834
+  _globals['_OPERATIONDETAIL']._serialized_end=2281
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=2284
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=2440
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=2442
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=2550
+  _globals['_GETOPERATIONREQUEST']._serialized_start=2552
+  _globals['_GETOPERATIONREQUEST']._serialized_end=2587
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=2589
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=2627
+  _globals['_ADMIN']._serialized_start=2630
+  _globals['_ADMIN']._serialized_end=3455
 # @@protoc_insertion_point(module_scope)

@@ -65,6 +65,21 @@ class AdminStub:
                 request_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.RemoveDrainRequest.SerializeToString,
                 response_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.Drain.FromString,
                 _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/buildfleet.admin.v1.Admin/ListOperations',
+                request_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/buildfleet.admin.v1.Admin/GetOperation',
+                request_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.FromString,
+                _registered_method=True)
+        self.CancelOperation = channel.unary_unary(
+                '/buildfleet.admin.v1.Admin/CancelOperation',
+                request_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.CancelOperationRequest.SerializeToString,
+                response_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -112,6 +127,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListOperations(self, request, context):
+        """Operations of an instance, newest first, filtered and paged.  A principal that
+        is not an admin of the instance sees only its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """One operation with its action's command, platform and timeline; NOT_FOUND for one
+        that does not exist or that the caller may not see.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOperation(self, request, context):
+        """Cancel an operation (the admin role): as Operations.CancelOperation, for anyone's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +182,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveDrain,
                     request_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.RemoveDrainRequest.FromString,
                     response_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.Drain.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsRequest.FromString,
+                    response_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.GetOperationRequest.FromString,
+                    response_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.SerializeToString,
+            ),
+            'CancelOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOperation,
+                    request_deserializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.CancelOperationRequest.FromString,
+                    response_serializer=buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +361,87 @@ class Admin:
             '/buildfleet.admin.v1.Admin/RemoveDrain',
             buildfleet_dot_admin_dot_v1_dot_admin__pb2.RemoveDrainRequest.SerializeToString,
             buildfleet_dot_admin_dot_v1_dot_admin__pb2.Drain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/buildfleet.admin.v1.Admin/ListOperations',
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsRequest.SerializeToString,
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/buildfleet.admin.v1.Admin/GetOperation',
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.GetOperationRequest.SerializeToString,
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/buildfleet.admin.v1.Admin/CancelOperation',
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.CancelOperationRequest.SerializeToString,
+            buildfleet_dot_admin_dot_v1_dot_admin__pb2.OperationDetail.FromString,
             options,
             channel_credentials,
             insecure,
