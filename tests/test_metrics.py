@@ -154,6 +154,11 @@ async def test_bot_gauges_per_status_and_refused_reports(start_server: Any) -> N
                  label="linux") == 1
     assert value(samples, "buildfleet_bots", instance="", status="OK", label="linux") == 1
     assert value(samples, "buildfleet_lease_reports_refused_total", instance="") == 1
+    assert value(samples, "buildfleet_bots_draining", instance="") == 0
+    scheduler = server.server.instances.get("").scheduler
+    await scheduler.add_drain("leav*")
+    drained = await read(server)
+    assert value(drained, "buildfleet_bots_draining", instance="") == 1
     assert value(samples, "buildfleet_actions_executing", instance="") == 1
     call.cancel()
     bots = dict(service="google.devtools.remoteworkers.v1test2.Bots",

@@ -8,6 +8,7 @@ exit 0, no process left behind), even when it is killed itself.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -203,6 +204,12 @@ def test_up_serves_metrics_and_prints_where(tmp_path: Path) -> None:
         match = re.search(r"^metrics: (http://127\.0\.0\.1:\d+/metrics)$", up.stdout(),
                           re.MULTILINE)
         assert match is not None, up.stdout()
+        hint = re.search(r"^the fleet: buildfleet (bots list --server grpc://\S+)", up.stdout(),
+                         re.MULTILINE)
+        assert hint is not None, up.stdout()
+        listed = run_buildfleet(*hint.group(1).split(), "--json", cwd=tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert len(json.loads(listed.stdout)["bots"]) == 2
 
         def connected() -> bool:
             with urllib.request.urlopen(match.group(1), timeout=10) as response:  # noqa: S310

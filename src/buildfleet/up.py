@@ -333,6 +333,12 @@ class Grid:
         metrics = self.server.metrics_url()
         if metrics is not None:
             lines.append(f"metrics: {metrics}")
+        if self.bot_instances:
+            credentials = "" if self.secure is None else (
+                f" --tls-ca {shlex.quote(str(self.secure.ca.resolve()))} --token-file "
+                f"{shlex.quote(str(self.secure.client_token_file.resolve()))}")
+            lines.append(f"the fleet: buildfleet bots list --server {scheme}://{self.endpoint}"
+                         f"{credentials}  (also: buildfleet queues, buildfleet ops list)")
         hints = self.hints()
         if not hints:
             lines += ["", "No instance executes actions (scheduler disabled everywhere); "

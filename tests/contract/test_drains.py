@@ -5,12 +5,13 @@ id or by property, also for bots that register later; stored across restarts and
 from __future__ import annotations
 
 import pytest
+from botkit import wait_for
 from schedkit import action, active, completed
 
 from buildfleet.errors import InvalidArgument
 from buildfleet.scheduler.model import Stage
 
-from .conftest import LINUX, Bot, Harness
+from .conftest import LINUX, Bot, Harness, settings
 
 
 async def test_a_drained_bot_finishes_its_lease_and_takes_no_new_work(harness: Harness) -> None:
@@ -79,17 +80,20 @@ async def test_a_malformed_pattern_is_refused(harness: Harness, pattern: str) ->
     assert scheduler.drains() == []
 
 
-async def test_a_drain_holds_on_the_other_replica(harness: Harness) -> None:
+async def test_a_drain_holds_on_the_other_replica_at_once(harness: Harness) -> None:
+    """Announced to every replica (NOTIFY): no waiting for a housekeeping tick."""
     if harness.kind != "replicated":
         pytest.skip("one embedded scheduler owns its state: there is no other replica")
-    here, there = await harness.open(), await harness.open()
-    await here.add_drain("far-*")
-    await there.housekeep()  # every replica reads the drains on its tick
+    slow = settings(housekeeping_interval=60)
+    here, there = await harness.open(slow), await harness.open(slow)
     bot = Bot(there, "far-away")
     await bot.register()
+    await here.add_drain("far-*")
+    await wait_for(lambda: [d.pattern for d in there.drains()] == ["far-*"], 10,
+                   "the drain to reach the other replica")
     await here.submit(*action(6), LINUX)
     assert await bot.update() == []
     await here.remove_drain("far-*")
-    await there.housekeep()
+    await wait_for(lambda: not there.drains(), 10, "the undrain to reach the other replica")
     (lease,) = await bot.update()
     assert lease.action_digest == action(6)[0]

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("work", "job", "session")
+KINDS = ("work", "job", "session", "drains")
 
 
 class ReplicatedGrid:
@@ -136,3 +136,5 @@ class ReplicatedGrid:
                 scheduler.wake_watchers(*read_job_payload(rest))
         elif kind == self.channels["session"]:
             scheduler.wake_session(rest)
+        elif kind == self.channels["drains"]:
+            scheduler.drains_changed()

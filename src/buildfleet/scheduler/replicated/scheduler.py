@@ -116,7 +116,8 @@ class ReplicatedScheduler:
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
         self._groups: list[QueueGroup] = []  # the same per platform
-        self._drains: dict[str, Drain] = {}  # the grid's drains, refreshed each tick
+        self._drains: dict[str, Drain] = {}  # the grid's drains (NOTIFY, and each tick)
+        self._drains_reload: asyncio.Task[None] | None = None
         self._executing = 0
         self._settler = Settler(self.db, instance, self.settings, action_cache)
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
@@ -136,6 +137,8 @@ class ReplicatedScheduler:
 
     async def close(self) -> None:
         await self._housekeeper.stop()
+        if self._drains_reload is not None:
+            self._drains_reload.cancel()
         self.wake_everything()
 
     # ------------------------------------------------------------- wake-ups
@@ -548,7 +551,8 @@ class ReplicatedScheduler:
                 """INSERT INTO grid_drains (instance, pattern, created_at)
                    VALUES (%s, %s, extract(epoch from clock_timestamp()))
                    ON CONFLICT (instance, pattern) DO UPDATE SET pattern = EXCLUDED.pattern
-                   RETURNING pattern, created_at""", (self.instance, pattern))
+                   RETURNING pattern, created_at, pg_notify(%s, %s)""",
+                (self.instance, pattern, self.grid.channels["drains"], self.instance))
         assert row is not None
         drain = self._drains[pattern] = Drain(row["pattern"], row["created_at"])
         return drain
@@ -556,8 +560,9 @@ class ReplicatedScheduler:
     async def remove_drain(self, pattern: str) -> bool:
         async with self.db.connection() as conn:
             row = await Tx(conn, Effects(), self.instance, self.settings).row(
-                "DELETE FROM grid_drains WHERE instance = %s AND pattern = %s RETURNING pattern",
-                (self.instance, pattern.strip()))
+                "DELETE FROM grid_drains WHERE instance = %s AND pattern = %s "
+                "RETURNING pattern, pg_notify(%s, %s)",
+                (self.instance, pattern.strip(), self.grid.channels["drains"], self.instance))
         self._drains.pop(pattern.strip(), None)
         if row is not None:
             self.wake_everything()  # bots waiting here may take work again
@@ -565,6 +570,28 @@ class ReplicatedScheduler:
 
     def drains(self) -> list[Drain]:
         return sorted(self._drains.values(), key=lambda drain: drain.pattern)
+
+    def drains_changed(self) -> None:
+        """A replica (this one included) added or removed a drain: read them again now
+        rather than at the next tick."""
+        if self._drains_reload is None or self._drains_reload.done():
+            self._drains_reload = asyncio.get_running_loop().create_task(
+                self._reload_drains(), name=f"drains of {self.instance!r}")
+
+    async def _reload_drains(self) -> None:
+        try:
+            async with self.db.connection() as conn:
+                rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
+                    "SELECT pattern, created_at FROM grid_drains WHERE instance = %s",
+                    (self.instance,))
+        except Exception as error:  # the next tick reads them anyway
+            log.warning("could not read the drains of %r: %s", self.instance, error)
+            return
+        before = set(self._drains)
+        self._drains = {row["pattern"]: Drain(row["pattern"], row["created_at"])
+                        for row in rows}
+        if before - set(self._drains):
+            self.wake_everything()  # bots released by an undrain may take work now
 
     def is_drained(self, session: BotSession) -> bool:
         return drained(session.bot_id, session.properties, self._drains)

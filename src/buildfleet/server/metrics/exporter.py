@@ -48,6 +48,7 @@ NAMES = frozenset({
     "buildfleet_bots",
     "buildfleet_bots_free_capacity",
     "buildfleet_bots_connected",
+    "buildfleet_bots_draining",
     "buildfleet_queue_depth",
     "buildfleet_queue_oldest_age_seconds",
     "buildfleet_actions_executing",
@@ -126,6 +127,9 @@ class GridCollector(Collector):
                                      labels=["instance", "status", "label"])
         connected = GaugeMetricFamily(f"{PREFIX}_bots_connected", "Live bot sessions.",
                                       labels=["instance"])
+        draining = GaugeMetricFamily(f"{PREFIX}_bots_draining",
+                                     "Live bots a drain keeps from new work.",
+                                     labels=["instance"])
         depth = GaugeMetricFamily(f"{PREFIX}_queue_depth", "Queued actions per platform.",
                                   labels=["instance", "platform"])
         oldest = GaugeMetricFamily(f"{PREFIX}_queue_oldest_age_seconds",
@@ -168,6 +172,8 @@ class GridCollector(Collector):
                     for status in BotStatus:
                         bots.add_metric([name, status.name, "unknown"], 0)
                 connected.add_metric([name], self.bots.query_connected_bots_for_instance(name))
+            draining.add_metric([name], sum(1 for session in scheduler.live_sessions()
+                                            if scheduler.is_drained(session)))
             for group in scheduler.queue_groups():
                 platform = platform_label(group.requirements)
                 depth.add_metric([name, platform], group.queued)
@@ -184,7 +190,7 @@ class GridCollector(Collector):
                                   ("execution", seen.execution_seconds),
                                   ("total", seen.total_seconds)):
                 _histogram(durations[key], [name], observed)
-        return [bots, capacity, connected, depth, oldest, executing, ended, requeues,
+        return [bots, capacity, connected, draining, depth, oldest, executing, ended, requeues,
                 deduplicated, refused, *durations.values(), *self._storage()]
 
     def _storage(self) -> list[Metric]:
