@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import shlex
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,7 +157,7 @@ def show_bot(connection: Connection, bot_id: str) -> None:
                  f"status:     {bot.status}{' (draining)' if bot.draining else ''}",
                  f"running:    {bot.running} of {bot.capacity}",
                  f"seen:       {_seen(bot)}",
-                 f"registered: {bot.registered.ToDatetime().isoformat(sep=' ')}Z",
+                 f"registered: {_when(bot.registered)}",
                  f"properties: {_properties(bot.properties)}"]
         if bot.running_operations:
             shown.append("running:")
@@ -171,8 +172,7 @@ def show_bot(connection: Connection, bot_id: str) -> None:
 
 
 def _event_lines(bot: admin_pb2.Bot) -> list[str]:
-    return [f"  {event.time.ToDatetime().isoformat(sep=' ')}Z {event.type}: {event.message}"
-            for event in bot.events]
+    return [f"  {_when(event.time)} {event.type}: {event.message}" for event in bot.events]
 
 
 @bots.command("events")
@@ -189,8 +189,7 @@ def bot_events(connection: Connection, bot_id: str) -> None:
 
 def _drain_lines(drains: Sequence[admin_pb2.Drain]) -> list[str]:
     return aligned(["PATTERN", "SINCE", "DRAINS"],
-                   [[d.pattern, d.created.ToDatetime().isoformat(sep=" ", timespec="seconds"),
-                     ",".join(d.bot_ids) or "-"] for d in drains])
+                   [[d.pattern, _when(d.created), ",".join(d.bot_ids) or "-"] for d in drains])
 
 
 @bots.command("drain")
@@ -252,7 +251,9 @@ def ops() -> None:
 
 
 def _when(stamp: Any) -> str:
-    return stamp.ToDatetime().isoformat(sep=" ", timespec="seconds") if stamp.seconds else "-"
+    """A timestamp as UTC, to the second."""
+    return (stamp.ToDatetime().isoformat(sep=" ", timespec="seconds") + "Z"
+            if stamp.seconds else "-")
 
 
 def _outcome(summary: admin_pb2.OperationSummary) -> str:
@@ -301,7 +302,7 @@ def _detail_lines(detail: admin_pb2.OperationDetail) -> list[str]:
         lines.append(f"outcome:    {_outcome(summary)}"
                      + (f" ({summary.message})" if summary.message else ""))
     if detail.arguments:
-        lines.append("command:    " + " ".join(detail.arguments))
+        lines.append("command:    " + shlex.join(detail.arguments))
     if detail.working_directory:
         lines.append(f"in:         {detail.working_directory}")
     if detail.platform:
