@@ -192,7 +192,7 @@ class BaseBotsService:
                 worker=body.worker.SerializeToString() if has_worker else None,
                 wait=wait, caller=principal.caller_on(instance_of_session(request.name)))
         except (InvalidArgument, PermissionDenied):
-            scheduler.observations.reports_refused += 1  # malformed, or not the bot's
+            scheduler.observations.reports_refused += 1  # malformed, closed, or not the bot's
             raise
         return self._session_proto(scheduler, session, leases,
                                    body.worker if has_worker else None)
