@@ -581,17 +581,20 @@ class ReplicatedScheduler:
     async def _reload_drains(self) -> None:
         try:
             async with self.db.connection() as conn:
-                rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
-                    "SELECT pattern, created_at FROM grid_drains WHERE instance = %s",
-                    (self.instance,))
+                await self._read_drains(Tx(conn, Effects(), self.instance, self.settings))
         except Exception as error:  # the next tick reads them anyway
             log.warning("could not read the drains of %r: %s", self.instance, error)
-            return
+
+    async def _read_drains(self, tx: Tx) -> None:
+        """Take the instance's drains from the database; wake the bots waiting here
+        when one was lifted (they may take work now)."""
+        rows = await tx.rows("SELECT pattern, created_at FROM grid_drains WHERE instance = %s",
+                             (self.instance,))
         before = set(self._drains)
         self._drains = {row["pattern"]: Drain(row["pattern"], row["created_at"])
                         for row in rows}
         if before - set(self._drains):
-            self.wake_everything()  # bots released by an undrain may take work now
+            self.wake_everything()
 
     def is_drained(self, session: BotSession) -> bool:
         return drained(session.bot_id, session.properties, self._drains)
@@ -617,10 +620,7 @@ class ReplicatedScheduler:
             executing = await tx.value(
                 f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {EXECUTING}",
                 (self.instance,))
-            drains = await tx.rows("SELECT pattern, created_at FROM grid_drains "
-                                   "WHERE instance = %s", (self.instance,))
-        self._drains = {row["pattern"]: Drain(row["pattern"], row["created_at"])
-                        for row in drains}
+            await self._read_drains(tx)
         self._live = {row["name"]: session_view(row, row["held"]) for row in rows}
         self._groups = [QueueGroup(properties_from(row["requirements"]), int(row["queued"]),
                                    float(row["oldest"])) for row in groups]

@@ -22,11 +22,10 @@ from buildfleet.scheduler.rules.matching import satisfies, takes_work
 from buildfleet.server import principal
 from buildfleet.server.execution.service import (
     executing_scheduler,
-    instance_of_operation,
     scheduler_for_operation,
 )
 from buildfleet.server.instance import Instances
-from buildfleet.server.operations.service import paged
+from buildfleet.server.operations.service import caller_of_operation, paged
 from buildfleet.server.rpc import add_service, rpc
 
 EVENTS_SHOWN = 50  # a bot's latest events in GetBot
@@ -141,14 +140,17 @@ class AdminService:
 
     # --------------------------------------------------------------- operations
     @staticmethod
-    def _summary(operation: Operation) -> admin_pb2.OperationSummary:
+    def _summary(operation: Operation, response: re_pb2.ExecuteResponse | None = None
+                 ) -> admin_pb2.OperationSummary:
+        """`response`: the operation's, when the caller has parsed it already."""
         summary = admin_pb2.OperationSummary(
             name=operation.name, stage=operation.stage.name,
             action_digest=proto_digest(operation.action_digest), submitter=operation.owner,
             worker=operation.worker, attempts=operation.attempts,
             cancelled=operation.cancelled)
         summary.queued.FromNanoseconds(int(operation.queued_at * 1e9))
-        response = _response(operation)
+        if response is None:
+            response = _response(operation)
         if response is not None:
             code = response.status.code
             summary.status = code_pb2.Code.Name(code) if code in code_pb2.Code.values() \
@@ -184,7 +186,8 @@ class AdminService:
             operations=[self._summary(op) for op in page], next_page_token=token)
 
     async def _detail(self, operation: Operation) -> admin_pb2.OperationDetail:
-        detail = admin_pb2.OperationDetail(summary=self._summary(operation))
+        response = _response(operation)
+        detail = admin_pb2.OperationDetail(summary=self._summary(operation, response))
         instance = self.instances.get(operation.instance)
         try:
             action = await instance.cas.get_message(operation.action_digest, re_pb2.Action,
@@ -206,7 +209,6 @@ class AdminService:
             detail.working_directory = command.working_directory
             detail.output_paths.extend(command.output_paths or [
                 *command.output_files, *command.output_directories])
-        response = _response(operation)
         if response is not None and response.HasField("result"):
             result = response.result
             detail.execution_metadata.CopyFrom(result.execution_metadata)
@@ -218,8 +220,8 @@ class AdminService:
     async def GetOperation(self, request: admin_pb2.GetOperationRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> admin_pb2.OperationDetail:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = await scheduler.get_operation(
-            request.name, principal.caller_on(instance_of_operation(request.name)))
+        operation = await scheduler.get_operation(request.name,
+                                                  caller_of_operation(request.name))
         principal.note_admin(f"read operation {request.name!r}", operation.owner)
         return await self._detail(operation)
 
@@ -227,7 +229,7 @@ class AdminService:
     async def CancelOperation(self, request: admin_pb2.CancelOperationRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> admin_pb2.OperationDetail:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        caller = principal.caller_on(instance_of_operation(request.name))
+        caller = caller_of_operation(request.name)
         owner = (await scheduler.get_operation(request.name, caller)).owner
         await scheduler.cancel_operation(request.name, caller)
         principal.note_admin(f"cancelled operation {request.name!r}", owner)

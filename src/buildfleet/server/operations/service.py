@@ -106,7 +106,8 @@ def paged(operations: list[Operation], *, instance: str, page_size: int, page_to
     return page, _page_token(instance, page[-1]) if start + size < len(ordered) else ""
 
 
-def _caller(name: str) -> Caller | None:
+def caller_of_operation(name: str) -> Caller | None:
+    """The caller as the scheduler of the operation `name`'s instance sees it."""
     return principal.caller_on(instance_of_operation(name))
 
 
@@ -123,7 +124,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def GetOperation(self, request: operations_pb2.GetOperationRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = await scheduler.get_operation(request.name, _caller(request.name))
+        operation = await scheduler.get_operation(request.name, caller_of_operation(request.name))
         principal.note_admin(f"read operation {request.name!r}", operation.owner)
         return operation_proto(operation)
 
@@ -147,7 +148,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> Empty:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        caller = _caller(request.name)
+        caller = caller_of_operation(request.name)
         owner = (await scheduler.get_operation(request.name, caller)).owner
         await scheduler.cancel_operation(request.name, caller)
         principal.note_admin(f"cancelled operation {request.name!r}", owner)
@@ -157,7 +158,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> Empty:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        caller = _caller(request.name)
+        caller = caller_of_operation(request.name)
         owner = (await scheduler.get_operation(request.name, caller)).owner
         await scheduler.delete_operation(request.name, caller)
         principal.note_admin(f"deleted operation {request.name!r}", owner)
@@ -168,7 +169,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
                             context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         """The operation once done, or as it stands when the timeout or deadline is near."""
         scheduler = scheduler_for_operation(self.instances, request.name)
-        caller = _caller(request.name)
+        caller = caller_of_operation(request.name)
         operation = await scheduler.get_operation(request.name, caller)
         limit = MAX_WAIT
         if request.HasField("timeout"):
