@@ -333,10 +333,16 @@ class Grid:
         metrics = self.server.metrics_url()
         if metrics is not None:
             lines.append(f"metrics: {metrics}")
+        page = self.server.web_url()
+        if page is not None:
+            login = "" if self.secure is None else (
+                f" (log in with the admin token in "
+                f"{shlex.quote(str(self.secure.admin_token_file.resolve()))})")
+            lines.append(f"the fleet's page: {page}{login}")
         if self.bot_instances:
             credentials = "" if self.secure is None else (
                 f" --tls-ca {shlex.quote(str(self.secure.ca.resolve()))} --token-file "
-                f"{shlex.quote(str(self.secure.client_token_file.resolve()))}")
+                f"{shlex.quote(str(self.secure.admin_token_file.resolve()))}")
             lines.append(f"the fleet: buildfleet bots list --server {scheme}://{self.endpoint}"
                          f"{credentials}  (also: buildfleet queues, buildfleet ops list)")
         hints = self.hints()
@@ -481,6 +487,9 @@ def up(bots: int | None, listen: tuple[str, ...], data_dir: Path | None,
         config = load_config(config_file).with_overrides(listen=list(listen), data_dir=data_dir)
         if config.metrics.listen is None:  # on by default here, on a free loopback port
             config = config.model_copy(update={"metrics": MetricsConfig(listen="127.0.0.1:0")})
+        if config.web.listen is None:  # the fleet's page too
+            config = config.model_copy(update={"web": config.web.model_copy(
+                update={"listen": "127.0.0.1:0"})})
         files = secured(config) if secure else None
         if files is not None:
             config = config.model_copy(update={

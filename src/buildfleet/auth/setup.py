@@ -1,10 +1,11 @@
 """The credentials of a secure grid, made once in its data directory
 (`buildfleet up --secure`): a private CA, a server certificate for the names the
-grid is reached by, and two bearer tokens -- the bots' (role `bot`) and a client's
-(roles `execute` and `cache-write`) -- with the tokens file that names their
-hashes.  Keys and tokens are readable by their owner only.  Made files are kept:
-a second start reuses them (a server certificate that does not cover a name asked
-for now is issued again)."""
+grid is reached by, and three bearer tokens -- the bots' (role `bot`), a client's
+(roles `execute` and `cache-write`) and an operator's (role `admin`, for the fleet's
+CLI and web page) -- with the tokens file that names their hashes.  Keys and
+tokens are readable by their owner only.  Made files are kept: a second start
+reuses them (a server certificate that does not cover a name asked for now is
+issued again)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class SecureGrid:
     def client_token_file(self) -> Path:
         return self.root / "client.token"
 
+    @property
+    def admin_token_file(self) -> Path:
+        return self.root / "admin.token"
+
     def client_token(self) -> str:
         return self.client_token_file.read_text().strip()
 
@@ -92,7 +97,8 @@ def prepare(root: Path, hosts: Sequence[str]) -> SecureGrid:
                                                                      grid.server_key)
     entries = []
     for path, principal, grants in ((grid.bot_token_file, "local-bots", ["bot"]),
-                                    (grid.client_token_file, "local-client", CLIENT_GRANTS)):
+                                    (grid.client_token_file, "local-client", CLIENT_GRANTS),
+                                    (grid.admin_token_file, "local-admin", ["admin"])):
         if not path.exists():
             pki.write_private(path, (new_token() + "\n").encode())
         token = path.read_text().strip()
@@ -100,8 +106,8 @@ def prepare(root: Path, hosts: Sequence[str]) -> SecureGrid:
                         "principal": principal, "grants": grants})
     # Tokens added by hand (`buildfleet auth token --tokens-file`) are kept.
     try:
-        add_entries(grid.tokens_file, entries, replacing=frozenset({"local-bots",
-                                                                    "local-client"}))
+        add_entries(grid.tokens_file, entries, replacing=frozenset({
+            "local-bots", "local-client", "local-admin"}))
     except ValueError as error:
         raise ConfigError(f"{error}: fix or remove the file") from None
     return grid

@@ -70,6 +70,7 @@ __all__ = [
     "TlsConfig",
     "DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "RESERVED_SEGMENTS", "STORAGE_TYPES", "ConfigError",
     "DiskStorage", "InstanceConfig", "MemoryStorage", "MetricsConfig", "PostgresConfig",
+    "WebConfig",
     "PostgresStorage",
     "ReadCacheStorage", "RemoteStorage", "SchedulerConfig", "ServerConfig",
     "SizeLimitedStorage", "StorageRef", "StorageSpec", "check_database", "check_instance_name",
@@ -90,6 +91,30 @@ class MetricsConfig(Model):
         if listen is not None:
             parse_listen_address(listen)
         return listen
+
+
+class WebConfig(Model):
+    """The fleet's web page over HTTP(S): `listen` HOST:PORT (port 0 picks a free one);
+    off when unset.  It uses the listener TLS of `tls` (or the server's top-level
+    `tls`) unless `plaintext`; with authentication configured it asks for the same
+    credentials as the Admin API."""
+
+    listen: str | None = None
+    tls: TlsConfig | None = None
+    plaintext: bool = False
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, listen: str | None) -> str | None:
+        if listen is not None:
+            parse_listen_address(listen)
+        return listen
+
+    @model_validator(mode="after")
+    def _check(self) -> WebConfig:
+        if self.plaintext and self.tls is not None:
+            raise ValueError("plaintext and tls exclude each other")
+        return self
 
 
 class InstanceConfig(Model):
@@ -119,6 +144,7 @@ class ServerConfig(Model):
     database: str = "scheduler.sqlite3"
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
 
@@ -154,6 +180,10 @@ class ServerConfig(Model):
                 found.append((listener.address,
                               None if listener.plaintext else listener.tls or self.tls))
         return found
+
+    def web_tls(self) -> TlsConfig | None:
+        """The web page's TLS (None: plain HTTP)."""
+        return None if self.web.plaintext else self.web.tls or self.tls
 
     def addresses(self) -> list[str]:
         return [address for address, _ in self.listeners()]

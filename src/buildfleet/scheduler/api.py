@@ -33,6 +33,7 @@ from buildfleet.scheduler.model import (
 from buildfleet.scheduler.rules.drains import Drain
 from buildfleet.scheduler.rules.observations import Observations
 from buildfleet.scheduler.rules.ownership import Caller
+from buildfleet.scheduler.rules.throughput import Throughput
 
 
 class Startable(Protocol):
@@ -49,6 +50,9 @@ class SchedulerAPI(Protocol):
     stats: Counter[str]
     # How jobs ended, why leases went back, durations: for metrics (rules.observations).
     observations: Observations
+    # Jobs finished per slot of the last minutes, grid-wide (rules.throughput; the
+    # replicated strategy's: a tick old).
+    throughput: Throughput
 
     @property
     def store(self) -> Startable: ...

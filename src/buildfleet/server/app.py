@@ -27,6 +27,8 @@ from buildfleet.server.execution.service import ExecutionService
 from buildfleet.server.instance import Instances, build_instances
 from buildfleet.server.metrics import MetricsEndpoint, ServerMetrics
 from buildfleet.server.operations.service import OperationsService
+from buildfleet.server.web import Pages, WebEndpoint, ssl_context
+from buildfleet.server.web.calls import AdminCalls
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,19 @@ class BuildfleetServer:
             ActionCacheService(self.instances),
             CapabilitiesService(self.instances),
         ]
+        self.admin = AdminService(self.instances)
         if self.instances.schedulers():
             self.bots = BotsService(self.instances)
             self.services += [
                 ExecutionService(self.instances),
                 OperationsService(self.instances),
                 self.bots,
-                AdminService(self.instances),
+                self.admin,
             ]
         self.health = health.aio.HealthServicer()
         self.metrics = ServerMetrics() if config.metrics.listen is not None else None
         self.metrics_endpoint: MetricsEndpoint | None = None
+        self.web_endpoint: WebEndpoint | None = None
         self.ports: list[int] = []
         self._server: grpc.aio.Server | None = None
 
@@ -83,9 +87,14 @@ class BuildfleetServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if self.metrics is not None:  # outermost: refused calls are counted too
             interceptors.append(self.metrics.calls)
+        guard = None
         if self.config.auth.configured:
-            interceptors.append(AuthInterceptor(
-                Authenticator(self.config.auth, self.config.data_path), Audit()))
+            guard = AuthInterceptor(Authenticator(self.config.auth, self.config.data_path),
+                                    Audit())
+            interceptors.append(guard)
+        web_tls = self.config.web_tls()
+        web_ssl = None if web_tls is None or self.config.web.listen is None else \
+            ssl_context(web_tls, self.config.data_path)
         await self.instances.start()
         limit = self._message_limit()
         server = grpc.aio.server(interceptors=interceptors, options=[
@@ -121,6 +130,11 @@ class BuildfleetServer:
             host, port = parse_listen_address(self.config.metrics.listen)
             self.metrics_endpoint = MetricsEndpoint(self.metrics, (host.strip("[]"), port))
             await asyncio.to_thread(self.metrics_endpoint.start)
+        if self.config.web.listen is not None:
+            host, port = parse_listen_address(self.config.web.listen)
+            self.web_endpoint = WebEndpoint(Pages(self.instances, AdminCalls(self.admin, guard)),
+                                            host.strip("[]"), port, web_ssl)
+            await self.web_endpoint.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.ports
@@ -130,6 +144,9 @@ class BuildfleetServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        if self.web_endpoint is not None:
+            await self.web_endpoint.stop()
+            self.web_endpoint = None
         if self.metrics_endpoint is not None:
             await asyncio.to_thread(self.metrics_endpoint.stop)
             self.metrics_endpoint = None
@@ -151,6 +168,10 @@ class BuildfleetServer:
             shown = f"[{shown}]"
         return f"http://{shown}:{self.metrics_endpoint.port}/metrics"
 
+    def web_url(self) -> str | None:
+        """The fleet's web page (None: it is off)."""
+        return None if self.web_endpoint is None else self.web_endpoint.url
+
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
@@ -164,7 +185,10 @@ def check_exposure(config: ServerConfig) -> None:
     credentials checked, unless `insecure` says so on purpose."""
     if config.insecure or config.auth.configured:
         return
-    exposed = [address for address, tls in config.listeners()
+    listeners = config.listeners()
+    if config.web.listen is not None:
+        listeners.append((config.web.listen, config.web_tls()))
+    exposed = [address for address, tls in listeners
                if not parse_listen_address(address)[0].startswith(LOOPBACK)
                and (tls is None or tls.client_ca is None)]
     if exposed:
@@ -189,6 +213,8 @@ async def serve(config: ServerConfig) -> None:
         log.info("listening on %s", line)
     if server.metrics_endpoint is not None:
         log.info("metrics on %s", server.metrics_url())
+    if server.web_endpoint is not None:
+        log.info("the fleet's web page: %s", server.web_url())
     log.info("instances: %s; data directory: %s",
              ", ".join(repr(i.name) for i in server.instances), config.data_dir)
     stopping = asyncio.Event()

@@ -109,14 +109,14 @@ class AuthInterceptor(Interceptor):
     def enter_for(self, method: str) -> Enter | None:
         if method in OPEN:
             return None
-        rule, admit = RULES.get(method), self._admit
+        rule, admit = RULES.get(method), self.admit
 
         async def enter(request: Any, context: grpc.aio.ServicerContext) -> None:
             await _enter(admit, method, rule, request, context)
 
         return enter
 
-    def _admit(self, method: str, rule: Rule | None, request: Any,
+    def admit(self, method: str, rule: Rule | None, request: Any,
                context: grpc.aio.ServicerContext) -> Principal:
         """The caller's principal; raises the refusal (UNAUTHENTICATED, PERMISSION_DENIED)."""
         try:
@@ -124,7 +124,7 @@ class AuthInterceptor(Interceptor):
                                                         context.auth_context)
         except Unauthenticated as error:
             self.audit.refused("an unauthenticated peer", str(error), method, context.peer())
-            raise _Refusal(grpc.StatusCode.UNAUTHENTICATED,
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
                            f"{error}; this server accepts {self.authenticator.accepts()}"
                            ) from None
         if rule is None:  # a method with no rule: nobody but an admin
@@ -145,7 +145,7 @@ class AuthInterceptor(Interceptor):
             reason = f"principal {principal.name!r} may not call {method}: it needs one " \
                      f"of the roles {needed} on {where}"
             self.audit.refused(f"principal {principal.name!r}", reason, method, context.peer())
-            raise _Refusal(grpc.StatusCode.PERMISSION_DENIED, reason)
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, reason)
         return principal
 
     @staticmethod
@@ -161,7 +161,7 @@ class AuthInterceptor(Interceptor):
             return None
 
 
-class _Refusal(Exception):
+class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -174,7 +174,7 @@ async def _enter(admit: Callable[..., Principal], method: str, rule: Rule | None
     own context (each call is served in a task of its own: nothing leaks to others)."""
     try:
         principal = admit(method, rule, request, context)
-    except _Refusal as refusal:
+    except Refusal as refusal:
         await context.abort(refusal.code, refusal.message)
         raise AssertionError("unreachable") from None  # context.abort always raises
     PRINCIPAL.set(principal)

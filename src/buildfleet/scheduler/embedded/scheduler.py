@@ -76,6 +76,7 @@ class EmbeddedScheduler:
             wake_job=lambda job: self._jobs.notify(job.id))
         self.stats = self.state.stats
         self.observations = self.state.observations
+        self.throughput = self.state.throughput
         self._housekeeper = Ticker(f"scheduler[{instance!r}] housekeeping",
                                    self.settings.tick, self.housekeep)
 

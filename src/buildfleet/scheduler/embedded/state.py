@@ -40,6 +40,7 @@ from buildfleet.scheduler.rules.matching import (
 )
 from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
+from buildfleet.scheduler.rules.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class EmbeddedState:
         self.expiry: list[tuple[float, int, str]] = []
         self.stats: Counter[str] = Counter()
         self.observations = Observations()
+        self.throughput = Throughput()
         self.drains: dict[str, Drain] = {}  # pattern -> drain
 
     # ------------------------------------------------------------------- drains
@@ -342,6 +344,7 @@ class EmbeddedState:
         job.stage = Stage.COMPLETED
         job.response = response
         job.completed_at = self.wall()
+        self.throughput.note(job.completed_at)
         job.succeeded = succeeded
         if worker:
             job.worker = worker

@@ -50,6 +50,7 @@ from buildfleet.scheduler.replicated.grid import ReplicatedGrid
 from buildfleet.scheduler.replicated.notes import JobNews, work_payload
 from buildfleet.scheduler.replicated.settling import Settler
 from buildfleet.scheduler.replicated.sql import (
+    COMPLETED,
     EXECUTING,
     LIVE_LEASE,
     NOW,
@@ -67,6 +68,7 @@ from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
+from buildfleet.scheduler.rules.throughput import Throughput
 from buildfleet.scheduler.rules.timers import MAX_EVENTS
 from buildfleet.storage.action_cache import ActionCache
 
@@ -123,6 +125,7 @@ class ReplicatedScheduler:
         self.fairness = Fairness(self.settings.fairness_share)  # counted on this replica
         self.stats: Counter[str] = Counter()
         self.observations = Observations()
+        self.throughput = Throughput()
         self._housekeeper = Ticker(f"replicated scheduler[{instance!r}] housekeeping",
                                    self.settings.tick, self.housekeep)
 
@@ -620,7 +623,13 @@ class ReplicatedScheduler:
             executing = await tx.value(
                 f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {EXECUTING}",
                 (self.instance,))
+            finished = await tx.rows(
+                f"""SELECT floor(completed_at / %s)::bigint AS slot, count(*) AS jobs
+                    FROM grid_jobs WHERE instance = %s AND stage = {COMPLETED}
+                    AND completed_at > {NOW} - %s GROUP BY 1""",
+                (self.throughput.slot, self.instance, self.throughput.window))
             await self._read_drains(tx)
+        self.throughput.replace({int(row["slot"]): int(row["jobs"]) for row in finished})
         self._live = {row["name"]: session_view(row, row["held"]) for row in rows}
         self._groups = [QueueGroup(properties_from(row["requirements"]), int(row["queued"]),
                                    float(row["oldest"])) for row in groups]

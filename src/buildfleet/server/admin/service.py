@@ -94,6 +94,11 @@ class AdminService:
         sessions = list(scheduler.live_sessions())
         now = time.time()
         answer = admin_pb2.ListQueuesResponse(executing=scheduler.executing())
+        length = int(scheduler.throughput.slot * 1e9)
+        for start, jobs in scheduler.throughput.series(now):
+            slot = answer.finished.add(jobs=jobs)
+            slot.start.FromNanoseconds(int(start * 1e9))
+            slot.length.FromNanoseconds(length)
         for group in sorted(scheduler.queue_groups(), key=lambda g: sorted(g.requirements)):
             matching = [s for s in sessions if satisfies(s.properties, group.requirements)]
             queue = answer.queues.add(

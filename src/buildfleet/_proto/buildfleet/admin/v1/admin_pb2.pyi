@@ -101,12 +101,24 @@ class ListQueuesRequest(_message.Message):
     def __init__(self, instance_name: _Optional[str] = ...) -> None: ...
 
 class ListQueuesResponse(_message.Message):
-    __slots__ = ("queues", "executing")
+    __slots__ = ("queues", "executing", "finished")
     QUEUES_FIELD_NUMBER: _ClassVar[int]
     EXECUTING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     queues: _containers.RepeatedCompositeFieldContainer[Queue]
     executing: int
-    def __init__(self, queues: _Optional[_Iterable[_Union[Queue, _Mapping]]] = ..., executing: _Optional[int] = ...) -> None: ...
+    finished: _containers.RepeatedCompositeFieldContainer[FinishedSlot]
+    def __init__(self, queues: _Optional[_Iterable[_Union[Queue, _Mapping]]] = ..., executing: _Optional[int] = ..., finished: _Optional[_Iterable[_Union[FinishedSlot, _Mapping]]] = ...) -> None: ...
+
+class FinishedSlot(_message.Message):
+    __slots__ = ("start", "length", "jobs")
+    START_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    start: _timestamp_pb2.Timestamp
+    length: _duration_pb2.Duration
+    jobs: int
+    def __init__(self, start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., length: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jobs: _Optional[int] = ...) -> None: ...
 
 class Drain(_message.Message):
     __slots__ = ("instance_name", "pattern", "created", "bot_ids")
