@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def test_up_secure_makes_credentials_once_and_serves_only_with_them(tmp_path: Pa
         header = next(f for f in flags if f.startswith("--remote_header="))
         token = header.split("Bearer ", 1)[1]
         secure = data / "secure"
-        for private in ("ca.key", "server.key", "bot.token", "client.token", "tokens.yaml"):
+        for private in ("ca.key", "server.key", "bot.token", "client.token", "admin.token",
+                        "tokens.yaml"):
             assert stat.S_IMODE((secure / private).stat().st_mode) == 0o600, private
 
         ca_pem = Path(ca).read_bytes()
@@ -164,6 +166,11 @@ def test_up_secure_makes_credentials_once_and_serves_only_with_them(tmp_path: Pa
 
         response = asyncio.run(run(token, up.endpoint))
         assert response.status.code == 0 and response.result.exit_code == 0, response
+        page = re.search(r"^the fleet's page: (https://127\.0\.0\.1:\d+/) \(log in with the "
+                         r"admin token in (\S+)\)$", up.stdout(), re.MULTILINE)
+        assert page is not None, up.stdout()
+        assert asyncio.run(_page_after_login(page.group(1), ca,
+                                                 Path(page.group(2)).read_text().strip())) == 1
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             asyncio.run(run(None, up.endpoint))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -196,8 +203,28 @@ def test_up_runs_actions_in_the_sandbox_when_it_works(tmp_path: Path) -> None:
             assert "unsandboxed" in up.report()
 
 
+async def _page_after_login(url: str, ca: str, token: str) -> int:
+    """Log in to the page of a secure grid with the admin token: how many bots the
+    overview shows (after a redirect to the login page without it)."""
+    import ssl
+
+    import aiohttp
+
+    trust = ssl.create_default_context(cafile=ca)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        async with session.get(url, ssl=trust, allow_redirects=False) as response:
+            assert response.status == 303 and response.headers["Location"].startswith(
+                "/login"), response.status
+        async with session.post(url + "login", ssl=trust, data={
+                "token": token, "next": "/"}) as response:
+            html = await response.text()
+            assert response.status == 200, html
+        found = re.search(r'<span class="figure bots">(\d+)</span>', html)
+        assert found is not None, html
+        return int(found.group(1))
+
+
 def test_up_serves_metrics_and_prints_where(tmp_path: Path) -> None:
-    import re
     import urllib.request
 
     with UpProcess.start(tmp_path, bots=2, extra_args=["--sandbox", "none"]) as up:
@@ -217,3 +244,8 @@ def test_up_serves_metrics_and_prints_where(tmp_path: Path) -> None:
             return 'buildfleet_bots_connected{instance=""} 2.0' in text
 
         wait_until(connected, 20, "both bots in the metrics")
+        page = re.search(r"^the fleet's page: (http://127\.0\.0\.1:\d+/)$", up.stdout(),
+                         re.MULTILINE)
+        assert page is not None, up.stdout()
+        with urllib.request.urlopen(page.group(1), timeout=10) as response:  # noqa: S310
+            assert '<span class="figure bots">2</span>' in response.read().decode()

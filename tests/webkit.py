@@ -111,25 +111,37 @@ class Browser:
     async def open(self, url: str) -> None:
         await self.run(lambda driver: driver.get(url))
 
-    async def text(self, selector: str) -> str:
-        from selenium.webdriver.common.by import By
-
-        return str(await self.run(
-            lambda driver: driver.find_element(By.CSS_SELECTOR, selector).text))
-
     async def texts(self, selector: str) -> list[str]:
-        from selenium.webdriver.common.by import By
+        """The text of every element `selector` matches, read in one step (the live
+        refresh may replace the elements at any moment)."""
+        found = await self.script(
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(e => e.innerText.trim());", selector)
+        return [str(text) for text in found]
 
-        return list(await self.run(lambda driver: [
-            element.text for element in driver.find_elements(By.CSS_SELECTOR, selector)]))
+    async def text(self, selector: str) -> str:
+        found = await self.texts(selector)
+        assert found, f"nothing on the page matches {selector!r}"
+        return found[0]
 
     async def click(self, selector: str) -> None:
+        """A real click; found again when a refresh replaced the element in between."""
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
 
-        await self.run(lambda driver: driver.find_element(By.CSS_SELECTOR, selector).click())
+        def click(driver: Any) -> None:
+            for _ in range(10):
+                try:
+                    driver.find_element(By.CSS_SELECTOR, selector).click()
+                    return
+                except StaleElementReferenceException:
+                    continue
+            raise AssertionError(f"{selector!r} kept being replaced before a click")
 
-    async def script(self, source: str) -> Any:
-        return await self.run(lambda driver: driver.execute_script(source))
+        await self.run(click)
+
+    async def script(self, source: str, *arguments: Any) -> Any:
+        return await self.run(lambda driver: driver.execute_script(source, *arguments))
 
     async def screenshot(self, path: Path) -> None:
         await self.run(lambda driver: driver.save_screenshot(str(path)))

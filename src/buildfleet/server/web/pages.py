@@ -471,11 +471,11 @@ def _local(target: str) -> str:
 TIMELINE = (
     ("queued", "queued_timestamp"),
     ("a bot took it", "worker_start_timestamp"),
-    ("inputs fetched from", "input_fetch_start_timestamp"),
+    ("input fetch started", "input_fetch_start_timestamp"),
     ("inputs fetched", "input_fetch_completed_timestamp"),
     ("command started", "execution_start_timestamp"),
     ("command ended", "execution_completed_timestamp"),
-    ("outputs uploaded from", "output_upload_start_timestamp"),
+    ("output upload started", "output_upload_start_timestamp"),
     ("outputs uploaded", "output_upload_completed_timestamp"),
     ("result reported", "worker_completed_timestamp"),
 )
