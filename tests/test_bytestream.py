@@ -26,6 +26,7 @@ from buildfleet.server.bytestream.service import (
 )
 from buildfleet.storage.base import BlobWriter
 from buildfleet.storage.disk import DiskStore
+from buildfleet.storage.split import SizeSplitStore
 
 MiB = 1024 * 1024
 HASH = "a" * 64
@@ -120,9 +121,16 @@ def service_of(grid: RunningServer) -> ByteStreamService:
 
 
 def temp_dir(grid: RunningServer, instance: str = "") -> Path:
+    """Where the default CAS keeps unfinished uploads of large blobs (those above the
+    packed store's threshold stream into files)."""
     store = grid.server.instances.get(instance).cas.store
+    if isinstance(store, SizeSplitStore):
+        store = store.large
     assert isinstance(store, DiskStore)
     return store.root / "tmp"
+
+
+LARGE = 100_000  # above the default CAS's packed threshold: uploads go to files
 
 
 @pytest.fixture
@@ -359,7 +367,7 @@ async def test_write_digest_mismatch_stores_nothing(grid: RunningServer, corrupt
 
 
 async def test_wrong_write_offset(grid: RunningServer) -> None:
-    data = blob(1000)
+    data = blob(LARGE)
     reqs = requests(upload_name(data), data, chunk=300)
     reqs[2].write_offset += 1
     error = await error_of(write(grid, reqs))
@@ -407,7 +415,7 @@ async def test_resumed_write(bytestream_grid: RunningServer) -> None:
 async def test_resume_at_a_wrong_offset_and_restart_at_zero(
         bytestream_grid: RunningServer) -> None:
     grid = bytestream_grid
-    data = blob(1000, seed=2)
+    data = blob(LARGE, seed=2)
     name = upload_name(data)
     assert await write(grid, requests(name, b"garbage!", finish=False)) == 8
     error = await error_of(write(grid, requests(name, data[5:], start=5)))
@@ -513,7 +521,7 @@ async def test_idle_uploads_are_aborted(bytestream_grid: RunningServer) -> None:
     grid = bytestream_grid
     service = service_of(grid)
     service.idle_timeout = 0.1
-    data = blob(1000, seed=11)
+    data = blob(LARGE, seed=11)
     name = upload_name(data)
     assert await write(grid, requests(name, data[:400], finish=False)) == 400
     assert len(os.listdir(temp_dir(grid))) == 1
@@ -528,7 +536,7 @@ async def test_idle_uploads_are_aborted(bytestream_grid: RunningServer) -> None:
 
 
 async def test_close_aborts_unfinished_uploads(grid: RunningServer) -> None:
-    data = blob(1000, seed=12)
+    data = blob(LARGE, seed=12)
     await write(grid, requests(upload_name(data), data[:10], finish=False))
     await write(grid, requests(upload_name(data), data[:20], finish=False))
     assert len(os.listdir(temp_dir(grid))) == 2
@@ -541,8 +549,8 @@ async def test_cancelled_read_closes_the_blob(grid: RunningServer) -> None:
     data = blob(8 * MiB, seed=13)
     await write(grid, requests(upload_name(data), data, chunk=MiB))
     store = grid.server.instances.get("").cas.store
-    assert isinstance(store, DiskStore)
-    path = str(store.path(Digest.of(data)))
+    assert isinstance(store, SizeSplitStore) and isinstance(store.large, DiskStore)
+    path = str(store.large.path(Digest.of(data)))
 
     async def open_count() -> int:
         count = 0

@@ -14,7 +14,9 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet.digest import EMPTY_DIGEST, Digest
 from buildfleet.errors import InvalidArgument, ResourceExhausted
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
+from buildfleet.storage.packed import PackedStore
 from buildfleet.storage.postgres import PostgresStore
+from buildfleet.storage.split import SizeSplitStore
 
 
 def blob(n: int, size: int = 100) -> tuple[Digest, bytes]:
@@ -34,12 +36,20 @@ async def read_all(store: BlobStore, digest: Digest, **kwargs: int) -> bytes:
         return b"".join([piece async for piece in reader.chunks(**kwargs)])
 
 
-@pytest.fixture(params=["disk", "memory", "postgres"])
+@pytest.fixture(params=["disk", "memory", "postgres", "packed", "split"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
     if request.param == "disk":
         yield DiskStore(tmp_path / "store")
     elif request.param == "memory":
         yield MemoryStore()
+    elif request.param in ("packed", "split"):
+        packed = PackedStore(tmp_path / "packed.sqlite3")
+        chosen: BlobStore = packed if request.param == "packed" else SizeSplitStore(
+            150, packed, DiskStore(tmp_path / "large"))
+        try:
+            yield chosen
+        finally:
+            await chosen.close()
     else:
         async with postgres_schema() as url:
             store = PostgresStore(url)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -184,6 +185,32 @@ def flip_a_byte(path: Path, position: int) -> None:
     path.write_bytes(bytes(data))
 
 
+SMALL = 64 * 1024  # the default CAS packs blobs up to this size in cas.sqlite3
+
+
+def flip_a_stored_byte(data_dir: Path, digest: re_pb2.Digest, position: int) -> None:
+    """Damage a blob of the default CAS where it is kept: its row or its file."""
+    if digest.size_bytes > SMALL:
+        flip_a_byte(blob_path(data_dir / "default" / "cas", digest), position)
+        return
+    with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
+        key = (bytes.fromhex(digest.hash), digest.size_bytes)
+        (data,) = db.execute("SELECT data FROM blobs WHERE hash = ? AND size = ?",
+                             key).fetchone()
+        damaged = bytearray(data)
+        damaged[position] ^= 0xFF
+        db.execute("UPDATE blobs SET data = ? WHERE hash = ? AND size = ?",
+                   (bytes(damaged), *key))
+
+
+def is_stored(data_dir: Path, digest: re_pb2.Digest) -> bool:
+    if digest.size_bytes > SMALL:
+        return blob_path(data_dir / "default" / "cas", digest).exists()
+    with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
+        return db.execute("SELECT 1 FROM blobs WHERE hash = ? AND size = ?",
+                          (bytes.fromhex(digest.hash), digest.size_bytes)).fetchone() is not None
+
+
 async def test_corrupted_blobs_are_detected_and_treated_as_missing(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     cas_root = data_dir / "default" / "cas"
@@ -199,7 +226,7 @@ async def test_corrupted_blobs_are_detected_and_treated_as_missing(tmp_path: Pat
         assert await find_missing(channel, small_digest, *digests) == []
 
         for digest in (small_digest, *digests[:3]):
-            flip_a_byte(blob_path(cas_root, digest), 1500 if digest.size_bytes > MiB else 10)
+            flip_a_stored_byte(data_dir, digest, 1500 if digest.size_bytes > MiB else 10)
         path = blob_path(cas_root, digests[3])
         path.write_bytes(path.read_bytes()[:-1])  # cut short
 
@@ -230,7 +257,7 @@ async def test_corrupted_blobs_are_detected_and_treated_as_missing(tmp_path: Pat
         # Each is now missing, its file removed, and the server logged each one.
         assert await find_missing(channel, small_digest, *digests) == [small_digest, *digests]
         for digest in (small_digest, *digests):
-            assert not blob_path(cas_root, digest).exists()
+            assert not is_stored(data_dir, digest)
         logged = [line for line in server.output().splitlines() if "corrupted" in line]
         for digest in (small_digest, *digests):
             assert any(digest.hash in line for line in logged), (digest.hash, logged)
@@ -247,7 +274,7 @@ async def test_corrupted_action_is_missing_for_execute(tmp_path: Path) -> None:
     async with serving(tmp_path / "server", data_dir) as (server, channel):
         client = Client(channel)
         digest = await client.action("true")
-        flip_a_byte(blob_path(data_dir / "default" / "cas", digest), 3)
+        flip_a_stored_byte(data_dir, digest, 3)
         error = await rpc_error(client.execute(digest))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         [violation] = status_details_violations(error)

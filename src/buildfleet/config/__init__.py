@@ -54,10 +54,12 @@ from buildfleet.config.storage import (
     DiskStorage,
     MemoryStorage,
     MiB,
+    PackedStorage,
     PostgresStorage,
     ReadCacheStorage,
     RemoteStorage,
     SizeLimitedStorage,
+    SplitStorage,
     StorageRef,
     StorageSpec,
     default_action_cache,
@@ -69,7 +71,8 @@ __all__ = [
     "AuthConfig", "CertificatesConfig", "Grant", "JwtConfig", "ListenerConfig", "Role",
     "TlsConfig",
     "DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "RESERVED_SEGMENTS", "STORAGE_TYPES", "ConfigError",
-    "DiskStorage", "InstanceConfig", "MemoryStorage", "MetricsConfig", "PostgresConfig",
+    "DiskStorage", "InstanceConfig", "MemoryStorage", "MetricsConfig", "PackedStorage",
+    "PostgresConfig", "SplitStorage",
     "WebConfig",
     "PostgresStorage",
     "ReadCacheStorage", "RemoteStorage", "SchedulerConfig", "ServerConfig",
@@ -231,6 +234,9 @@ class ServerConfig(Model):
                 if "remote" in kinds(ref.cache):
                     raise ValueError(f"{where}.cache: the cache of a read-cache must be local "
                                      "storage (disk, memory, size-limited), not remote")
+            elif isinstance(ref, SplitStorage):
+                check(ref.small, f"{where}.small")
+                check(ref.large, f"{where}.large")
 
         def kinds(ref: StorageRef, trail: tuple[str, ...] = ()) -> set[str]:
             """The storage types `ref` is built from, following names."""
@@ -246,6 +252,8 @@ class ServerConfig(Model):
                 found |= kinds(ref.backend, trail)
             elif isinstance(ref, ReadCacheStorage):
                 found |= kinds(ref.backend, trail) | kinds(ref.cache, trail)
+            elif isinstance(ref, SplitStorage):
+                found |= kinds(ref.small, trail) | kinds(ref.large, trail)
             return found
 
         used: set[str] = set()
@@ -259,12 +267,13 @@ class ServerConfig(Model):
                 if ref is not None:
                     used |= kinds(ref)
             if instance.action_cache is not None:
-                cas_only = sorted(kinds(instance.action_cache) & {"remote", "read-cache"})
+                cas_only = sorted(kinds(instance.action_cache)
+                                  & {"remote", "read-cache", "split"})
                 if cas_only:
                     raise ValueError(
                         f"instances.{name!r}.action-cache: {cas_only[0]} storage holds CAS "
                         "blobs only (action cache entries do not match their keys' digests); "
-                        "use disk, memory, size-limited or postgres storage")
+                        "use disk, packed, memory, size-limited or postgres storage")
         if "postgres" in used and not is_postgres_url(self.database):
             raise ValueError("postgres storage keeps blobs in the server's database: "
                              "set `database` to a postgresql:// URL")

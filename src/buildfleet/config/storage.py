@@ -113,17 +113,47 @@ class PostgresStorage(Model):
     rescan_interval: float | None = Field(default=None, gt=0)
 
 
+class PackedStorage(Model):
+    """Many small blobs in one SQLite database file (WAL mode): no file per blob.
+
+    `path` is the database file (relative to the data dir).  `max-size`,
+    `rescan-interval` and `fsync` as for disk storage.  `migrate-from` names a disk
+    directory of an earlier layout whose blobs (up to `migrate-max-blob-size`, all
+    when unset) move into the database in the background at start-up; until they
+    have, they are read from there.
+    """
+
+    type: Literal["packed"]
+    path: str
+    max_size: ByteSize | None = Field(default=None, gt=0)
+    rescan_interval: float | None = Field(default=None, gt=0)
+    fsync: bool = False
+    migrate_from: str | None = None
+    migrate_max_blob_size: ByteSize | None = Field(default=None, gt=0)
+
+
+class SplitStorage(Model):
+    """Blobs up to `threshold` bytes in `small`, larger ones in `large` (CAS only):
+    typically a packed store for the small ones and a disk store for the rest."""
+
+    type: Literal["split"]
+    threshold: ByteSize = Field(default=ByteSize(64 * 1024), gt=0)
+    small: StorageRef
+    large: StorageRef
+
+
 STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache",
-                           "postgres"})
+                           "postgres", "packed", "split"})
 StorageSpec = Annotated[
     DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage
-    | PostgresStorage,
+    | PostgresStorage | PackedStorage | SplitStorage,
     Field(discriminator="type"),
 ]
 # A storage is either declared inline or named from the top-level `storage` map.
 StorageRef = str | StorageSpec
 SizeLimitedStorage.model_rebuild()
 ReadCacheStorage.model_rebuild()
+SplitStorage.model_rebuild()
 
 
 def instance_slug(name: str) -> str:
@@ -131,11 +161,24 @@ def instance_slug(name: str) -> str:
     return "default" if name == "" else "instance-" + quote(name, safe="")
 
 
-def default_cas(name: str) -> DiskStorage:
-    return DiskStorage(type="disk", path=f"{instance_slug(name)}/cas")
+SMALL_BLOB = 64 * 1024  # the default CAS's largest packed blob
 
 
-def default_action_cache(name: str) -> DiskStorage:
-    return DiskStorage(type="disk", path=f"{instance_slug(name)}/ac")
+def default_cas(name: str) -> SplitStorage:
+    """Small blobs packed in `<slug>/cas.sqlite3`, larger ones in files under
+    `<slug>/cas` (where earlier versions kept every blob: the small ones move)."""
+    slug = instance_slug(name)
+    return SplitStorage(
+        type="split", threshold=ByteSize(SMALL_BLOB),
+        small=PackedStorage(type="packed", path=f"{slug}/cas.sqlite3",
+                            migrate_from=f"{slug}/cas",
+                            migrate_max_blob_size=ByteSize(SMALL_BLOB)),
+        large=DiskStorage(type="disk", path=f"{slug}/cas"))
+
+
+def default_action_cache(name: str) -> PackedStorage:
+    """Entries packed in `<slug>/ac.sqlite3` (earlier versions' `<slug>/ac` files move)."""
+    slug = instance_slug(name)
+    return PackedStorage(type="packed", path=f"{slug}/ac.sqlite3", migrate_from=f"{slug}/ac")
 
 

@@ -15,20 +15,25 @@ from buildfleet.config import (
     ConfigError,
     DiskStorage,
     MemoryStorage,
+    PackedStorage,
     PostgresStorage,
     ReadCacheStorage,
     RemoteStorage,
     ServerConfig,
     SizeLimitedStorage,
+    SplitStorage,
     StorageRef,
 )
 from buildfleet.storage.base import BlobStore
 from buildfleet.storage.disk import DiskStore
 from buildfleet.storage.memory import MemoryStore
+from buildfleet.storage.migrating import MigratingStore
+from buildfleet.storage.packed import PackedStore
 from buildfleet.storage.postgres import PostgresStore
 from buildfleet.storage.read_cache import ReadCachingStore
 from buildfleet.storage.remote import RemoteStore
 from buildfleet.storage.size_limited import SizeLimitedStore
+from buildfleet.storage.split import SizeSplitStore
 
 
 class StoreFactory:
@@ -59,9 +64,17 @@ class StoreFactory:
 
     def _create(self, ref: StorageRef) -> BlobStore:
         if isinstance(ref, DiskStorage):
-            path = Path(ref.path)
-            return self._bounded(DiskStore(path if path.is_absolute() else self.data_dir / path,
-                                           fsync=ref.fsync), ref)
+            return self._bounded(DiskStore(self._path(ref.path), fsync=ref.fsync), ref)
+        if isinstance(ref, PackedStorage):
+            store: BlobStore = PackedStore(self._path(ref.path), fsync=ref.fsync)
+            if ref.migrate_from is not None and (self._path(ref.migrate_from) / "blobs").is_dir():
+                limit = ref.migrate_max_blob_size
+                store = MigratingStore(store, DiskStore(self._path(ref.migrate_from)),
+                                       max_blob_size=None if limit is None else int(limit))
+            return self._bounded(store, ref)
+        if isinstance(ref, SplitStorage):
+            return SizeSplitStore(int(ref.threshold), self._part(ref.small),
+                                  self._part(ref.large))
         if isinstance(ref, MemoryStorage):
             return SizeLimitedStore(MemoryStore(), int(ref.max_size))
         if isinstance(ref, SizeLimitedStorage):
@@ -75,6 +88,10 @@ class StoreFactory:
         if isinstance(ref, ReadCacheStorage):
             return ReadCachingStore(self._part(ref.backend), self._part(ref.cache))
         raise TypeError(f"unknown storage {ref!r}")  # pragma: no cover - config admits no other
+
+    def _path(self, path: str) -> Path:
+        resolved = Path(path)
+        return resolved if resolved.is_absolute() else self.data_dir / resolved
 
     def _credentials(self, ref: RemoteStorage) -> ClientCredentials | None:
         if not ref.secure and ref.token_file is None:
@@ -95,7 +112,8 @@ class StoreFactory:
         return credentials
 
     @staticmethod
-    def _bounded(store: BlobStore, ref: DiskStorage | PostgresStorage) -> BlobStore:
+    def _bounded(store: BlobStore, ref: DiskStorage | PostgresStorage | PackedStorage
+                 ) -> BlobStore:
         """`store` behind the size limit that its storage declares, if any."""
         if ref.max_size is None:
             return store

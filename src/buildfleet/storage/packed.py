@@ -1,0 +1,345 @@
+"""Many small blobs in one SQLite database (WAL mode): no file per blob.
+
+A real build is mostly small blobs (Action, Command and Directory messages, small
+sources, one action-cache entry per action), and on a shared virtual disk creating
+a file costs from tens of microseconds to milliseconds: more than everything else a
+small blob costs.  This store keeps them as rows of one table instead.
+
+- **Writes are grouped.**  Every write (a `put`, a whole `put_batch`) joins the
+  queue of the store's writer thread, which commits whatever has queued up in one
+  transaction: a BatchUpdateBlobs of 500 blobs is one commit, and concurrent calls
+  share commits.  A write is acknowledged once its transaction has committed.
+- **Nothing half-written is ever visible**, also after a crash: a blob is a row,
+  and a row is in the database once its transaction commits, or not at all (WAL
+  journaling; with `fsync` also across power loss, `synchronous=FULL`).
+- **Lookups never touch blob data**: FindMissingBlobs reads an index of (hash,
+  size) only, and reads take many blobs per query, without opening anything.
+- **Several processes** (the replicas on one machine) may share one database
+  file: SQLite locks it, WAL lets readers go on while one process writes, and
+  every connection waits for a busy lock (`busy_timeout`) rather than failing.
+- **Space is reclaimed** without stopping anyone: the database is created with
+  incremental auto-vacuum, and after deletions (evictions) the writer returns the
+  free pages to the file system in small steps between other writes.
+- Use is recorded (`last_access`, refreshed at most once a minute per blob, on
+  the writer thread) so that `scan` orders eviction of a size-limited wrapper
+  (`max-size`) by the last use in any process.
+
+Reads run on a reader thread with a connection of its own (WAL readers do not
+wait for the writer); the event loop never waits on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from buildfleet.digest import Digest
+from buildfleet.errors import BuildfleetError, ResourceExhausted, Unavailable
+from buildfleet.storage.base import (
+    BlobReader,
+    BlobStore,
+    BlobWriter,
+    BufferedWriter,
+    BytesReader,
+    StoredBlob,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TOUCH_AFTER = 60.0  # a blob's recorded last use is refreshed when older than this
+_QUERY_BATCH = 500  # digests per lookup statement (well under SQLite's 32,766 variables)
+_VACUUM_AFTER = 256  # pages freed by deletions (1 MiB of 4 KiB pages) before a step
+_VACUUM_PAGES = 4096  # at most this many free pages handed back per step (16 MiB)
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    hash BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    last_access REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS blobs_digest ON blobs (hash, size);
+"""
+
+
+def _key(digest: Digest) -> tuple[bytes, int]:
+    return bytes.fromhex(digest.hash), digest.size_bytes
+
+
+def _digest(hash_: bytes, size: int) -> Digest:
+    return Digest(hash_.hex(), size)
+
+
+class PackedStore(BlobStore):
+    """Blobs as rows of one SQLite database file at `path`."""
+
+    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._writer_thread: ThreadPoolExecutor | None = None
+        self._reader_thread: ThreadPoolExecutor | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], object],
+                                asyncio.Future[None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self._opening: asyncio.Future[None] | None = None
+        self._freed = 0  # pages (about) freed by deletions since the last vacuum step
+        self.commits = 0  # transactions committed by this process (group commits)
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------- set-up
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                     isolation_level=None, check_same_thread=False)
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        connection.execute(f"PRAGMA synchronous = {'FULL' if self.fsync else 'NORMAL'}")
+        return connection
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = self._connect()
+        # Before the first table exists: how free pages are handed back (see above).
+        writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.executescript(SCHEMA)
+        self._writer = writer
+        self._reader = self._connect()
+
+    async def start(self) -> None:
+        """Open the database (creating it); the first use opens it too."""
+        if self._writer is not None:
+            return
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._start())
+        try:
+            await asyncio.shield(self._opening)
+        finally:
+            if self._opening.done():
+                self._opening = None
+
+    async def _start(self) -> None:
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="packed-writer")
+        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="packed-reader")
+        try:
+            await self._run(self._writer_thread, self._open)
+        except BuildfleetError:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._draining is not None:
+            await asyncio.shield(self._draining)
+        for attribute in ("_writer", "_reader"):
+            connection = getattr(self, attribute)
+            if connection is not None:
+                connection.close()
+                setattr(self, attribute, None)
+        for attribute in ("_writer_thread", "_reader_thread"):
+            executor = getattr(self, attribute)
+            if executor is not None:
+                executor.shutdown(wait=True)
+                setattr(self, attribute, None)
+
+    async def _on(self, which: str, func: Callable[[], T]) -> T:
+        """`func` on the writer or the reader thread."""
+        if self._writer is None:
+            await self.start()
+        return await self._run(getattr(self, f"_{which}_thread"), func)
+
+    async def _run(self, executor: ThreadPoolExecutor | None, func: Callable[[], T]) -> T:
+        if executor is None:
+            raise Unavailable(f"the packed store {self.path} is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, func)
+        except sqlite3.Error as error:
+            if "full" in str(error):  # SQLITE_FULL: the disk
+                raise ResourceExhausted(f"the packed store {self.path}: {error}") from None
+            raise Unavailable(f"the packed store {self.path}: {error}") from None
+
+    def _read_connection(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise sqlite3.OperationalError("the store is closed")
+        return self._reader
+
+    # -------------------------------------------------------------- writes
+    async def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
+        """Run `work` in the next group commit; returns once it has committed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((work, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                try:
+                    await self._on("writer", functools.partial(self._commit, group))
+                except BuildfleetError as error:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for _, future in group:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._draining = None
+
+    def _commit(self, group: list[tuple[Callable[[sqlite3.Connection], object],
+                                        asyncio.Future[None]]]) -> None:
+        """One transaction for the whole group (on the writer thread)."""
+        connection = self._writer
+        if connection is None:
+            raise sqlite3.OperationalError("the store is closed")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for work, _ in group:
+                work(connection)
+            connection.execute("COMMIT")
+            self.commits += 1
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        if self._freed >= _VACUUM_AFTER:
+            self._freed = 0
+            connection.execute(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})").fetchall()
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        await self.put_many([(digest, data)])
+
+    async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        now = time.time()
+        rows = [(*_key(digest), bytes(data), now) for digest, data in blobs]
+        if not rows:
+            return
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "INSERT INTO blobs (hash, size, data, last_access) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (hash, size) DO UPDATE SET data = excluded.data, "
+                "last_access = excluded.last_access", rows)
+
+        await self._write(insert)
+
+    async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
+                        ) -> list[BuildfleetError | None]:
+        """The whole batch in one commit (shared with concurrent writers)."""
+        try:
+            await self.put_many(blobs)
+        except BuildfleetError as error:
+            return [error] * len(blobs)
+        return [None] * len(blobs)
+
+    async def begin_write(self, digest: Digest) -> BlobWriter:
+        async def store(data: bytes) -> None:
+            await self.put(digest, data)
+
+        return BufferedWriter(store)
+
+    async def delete(self, digest: Digest) -> bool:
+        deleted = False
+
+        def remove(connection: sqlite3.Connection) -> None:
+            nonlocal deleted
+            cursor = connection.execute("DELETE FROM blobs WHERE hash = ? AND size = ?",
+                                        _key(digest))
+            deleted = cursor.rowcount > 0
+            if deleted:
+                self._freed += 1 + digest.size_bytes // 4096
+
+        await self._write(remove)
+        return deleted
+
+    def _touch_later(self, stale: list[Digest]) -> None:
+        """Record the use of blobs whose last use is old (not waited for: a read
+        stays a read)."""
+        if not stale or self._writer is None:
+            return
+        now = time.time()
+        keys = [(now, *_key(digest)) for digest in stale]
+
+        def touch(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE blobs SET last_access = ? WHERE hash = ? AND size = ?", keys)
+
+        task = asyncio.ensure_future(self._write(touch))
+        task.add_done_callback(_log_touch_failure)
+
+    # --------------------------------------------------------------- reads
+    def _lookup(self, digests: list[Digest], columns: str) -> list[tuple[Any, ...]]:
+        """Rows (hash, size, *columns) of the stored blobs among `digests`."""
+        connection = self._read_connection()
+        rows: list[tuple[Any, ...]] = []
+        with self._lock:
+            for start in range(0, len(digests), _QUERY_BATCH):
+                batch = digests[start:start + _QUERY_BATCH]
+                marks = ",".join("?" * len(batch))
+                wanted = {_key(d) for d in batch}
+                for row in connection.execute(
+                        f"SELECT hash, size{columns} FROM blobs "
+                        f"WHERE hash IN ({marks})", [bytes.fromhex(d.hash) for d in batch]):
+                    if (row[0], row[1]) in wanted:
+                        rows.append(row)
+        return rows
+
+    async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        wanted = list(digests)
+        if not wanted:
+            return []
+        unique = list(dict.fromkeys(wanted))
+        rows = await self._on("reader", lambda: self._lookup(unique, ""))
+        present = {_digest(hash_, size) for hash_, size in rows}
+        return [digest for digest in wanted if digest not in present]
+
+    async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        if not unique:
+            return {}
+        rows = await self._on("reader",
+                              lambda: self._lookup(unique, ", data, last_access"))
+        found: dict[Digest, bytes] = {}
+        stale: list[Digest] = []
+        cutoff = time.time() - TOUCH_AFTER
+        for hash_, size, data, last_access in rows:
+            digest = _digest(hash_, size)
+            found[digest] = bytes(data)
+            if last_access < cutoff:
+                stale.append(digest)
+        self._touch_later(stale)
+        return found
+
+    async def get(self, digest: Digest) -> bytes | None:
+        return (await self.get_many([digest])).get(digest)
+
+    async def open(self, digest: Digest) -> BlobReader | None:
+        data = await self.get(digest)
+        return None if data is None else BytesReader(data)
+
+    async def scan(self) -> AsyncIterator[StoredBlob]:
+        def everything() -> list[tuple[bytes, int, int, float]]:
+            with self._lock:
+                return list(self._read_connection().execute(
+                    "SELECT hash, size, length(data), last_access FROM blobs"))
+
+        for hash_, size, stored, last_access in await self._on("reader",
+                                                               everything):
+            yield StoredBlob(_digest(hash_, size), stored, last_access)
+
+
+def _log_touch_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not record the use of blobs: %s", task.exception())
