@@ -19,6 +19,7 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -171,6 +172,72 @@ async def run(address: str, args: argparse.Namespace,
     return figures
 
 
+def _find_missing_requests(args: argparse.Namespace) -> tuple[
+        list[re_pb2.BatchUpdateBlobsRequest], list[re_pb2.FindMissingBlobsRequest]]:
+    """`--find-missing` small blobs as upload batches, and their digests as
+    FindMissingBlobs requests of 1,000 (the same on every call: a fixed seed)."""
+    import random
+
+    rng = random.Random(7)
+    blobs = [rng.randbytes(args.small_size) for _ in range(args.find_missing)]
+    digests = [proto(Digest.of(b)) for b in blobs]
+    uploads = [re_pb2.BatchUpdateBlobsRequest(instance_name=args.instance, requests=[
+        re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b)
+        for d, b in zip(digests[start:start + args.batch], blobs[start:start + args.batch],
+                        strict=True)]) for start in range(0, len(blobs), args.batch)]
+    asks = [re_pb2.FindMissingBlobsRequest(instance_name=args.instance,
+                                           blob_digests=digests[start:start + 1000])
+            for start in range(0, len(digests), 1000)]
+    return uploads, asks
+
+
+async def find_missing_pass(address: str, args: argparse.Namespace, *, upload: bool
+                            ) -> list[float]:
+    """Seconds to ask FindMissingBlobs of every `--find-missing` digest, 1,000 per call
+    and 8 calls at a time (as Bazel asks before a build): the first pass, then a
+    repeat.  `upload`: store the blobs first (the server then knows them)."""
+    uploads, asks = _find_missing_requests(args)
+    async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        if upload:
+            for request in uploads:
+                await cas.BatchUpdateBlobs(request)
+        slots = asyncio.Semaphore(8)
+
+        async def ask(request: re_pb2.FindMissingBlobsRequest) -> None:
+            async with slots:
+                response = await cas.FindMissingBlobs(request)
+                assert not response.missing_blob_digests
+
+        timings = []
+        for _ in range(2):
+            started = time.perf_counter()
+            await asyncio.gather(*(ask(r) for r in asks))
+            timings.append(time.perf_counter() - started)
+        return timings
+
+
+def find_missing_figures(args: argparse.Namespace) -> dict[str, float]:
+    """FindMissingBlobs of `--find-missing` stored digests: right after they were
+    uploaded, and by a server started afresh on the same data directory (first pass
+    and a repeat), medians of `--repeat` rounds."""
+    count = args.find_missing
+    after_upload, fresh, repeat = [], [], []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="buildfleet-bench-") as data:
+            reuse = ["--data-dir", data]
+            with spawned_server(reuse) as (address, _):
+                after_upload.append(asyncio.run(find_missing_pass(address, args,
+                                                                  upload=True))[0])
+            with spawned_server(reuse) as (address, _):
+                first, again = asyncio.run(find_missing_pass(address, args, upload=False))
+                fresh.append(first)
+                repeat.append(again)
+    return {f"find_missing_{count}_after_upload_s": round(statistics.median(after_upload), 3),
+            f"find_missing_{count}_fresh_server_s": round(statistics.median(fresh), 3),
+            f"find_missing_{count}_repeat_s": round(statistics.median(repeat), 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
@@ -180,12 +247,17 @@ def main() -> int:
     parser.add_argument("--small-blobs", type=int, default=10_000)
     parser.add_argument("--small-size", type=int, default=100)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--find-missing", type=int, default=100_000,
+                        help="digests asked of FindMissingBlobs by a spawned server, "
+                             "after upload and after a restart (0: skip)")
     args = parser.parse_args()
     if args.target:
         figures = asyncio.run(run(args.target, args))
     else:
         with spawned_server() as (address, process):
             figures = asyncio.run(run(address, args, process.pid))
+        if args.find_missing:
+            figures.update(find_missing_figures(args))
     report("cas", figures)
     return 0
 

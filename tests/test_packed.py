@@ -71,6 +71,28 @@ WRITER = textwrap.dedent("""
 """)
 
 
+async def test_a_blob_deleted_elsewhere_is_missing_at_once(tmp_path: Path) -> None:
+    """Present keys are remembered only while nobody commits: a deletion by another
+    connection (another process, or this one's own writer) is seen at once."""
+    path = tmp_path / "packed.sqlite3"
+    mine, other = PackedStore(path), PackedStore(path)
+    try:
+        blobs = [blob(i) for i in range(20)]
+        await mine.put_many(blobs)
+        digests = [d for d, _ in blobs]
+        assert await mine.find_missing(digests) == []
+        assert await mine.find_missing(digests) == []  # answered from what it has seen
+        assert await other.delete(digests[3])
+        assert await mine.find_missing(digests) == [digests[3]]
+        assert await mine.delete(digests[4])
+        assert await mine.find_missing(digests) == [digests[3], digests[4]]
+        await other.put(*blobs[3])
+        assert await mine.find_missing(digests) == [digests[4]]
+    finally:
+        await mine.close()
+        await other.close()
+
+
 async def test_sigkill_in_the_middle_of_batches_leaves_each_whole_or_absent(
         tmp_path: Path) -> None:
     path = tmp_path / "packed.sqlite3"
@@ -151,7 +173,7 @@ async def test_a_corrupted_row_is_reported_missing_and_removed(tmp_path: Path) -
     await cas.put(good, good_data)
     with sqlite3.connect(path) as db:  # the bytes change behind the server's back
         db.execute("UPDATE blobs SET data = ? WHERE hash = ?",
-                   (b"Z" + data[1:], bytes.fromhex(digest.hash)))
+                   (b"Z" + data[1:], digest.hash))
     assert await cas.get(digest) is None
     assert await cas.find_missing([digest, good]) == [digest]
     assert await cas.get(good) == good_data
@@ -249,6 +271,7 @@ async def test_a_data_directory_of_the_earlier_layout_keeps_working(
         return not old_cas.path(Digest.of(small)).exists()
 
     await wait_for(moved, 10)
+    await wait_for(lambda: (data_dir / "default" / "cas.sqlite3.moved").exists(), 10)
     assert old_cas.path(Digest.of(large)).exists()  # large blobs stay in files
     with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
         stored = {bytes(row[0]) for row in db.execute("SELECT data FROM blobs")}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from buildfleet.errors import InvalidArgument
 
 HASH_LENGTH = 64
 _HEX = re.compile(r"[0-9a-f]{64}")
+_HEX_LINES = re.compile(r"(?:[0-9a-f]{64}\n)*")  # many hashes checked in one match
 EMPTY_HASH = hashlib.sha256(b"").hexdigest()
 
 
@@ -42,6 +44,18 @@ class Digest(NamedTuple):
     @classmethod
     def from_proto(cls, message: _DigestMessage, what: str = "digest") -> Digest:
         return cls.parse(message.hash, message.size_bytes, what)
+
+    @classmethod
+    def from_protos(cls, messages: Sequence[_DigestMessage], what: str = "digests"
+                    ) -> list[Digest]:
+        """Many digests at once (FindMissingBlobs asks for thousands): validated in one
+        pass, with the same errors as `from_proto` naming `what[i]`."""
+        pairs = [(message.hash, message.size_bytes) for message in messages]
+        if (_HEX_LINES.fullmatch("".join([pair[0] + "\n" for pair in pairs])) is not None
+                and (not pairs or min(pair[1] for pair in pairs) >= 0)):
+            new = tuple.__new__
+            return [new(cls, pair) for pair in pairs]
+        return [cls.parse(hash_, size, f"{what}[{i}]") for i, (hash_, size) in enumerate(pairs)]
 
     @classmethod
     def of(cls, data: bytes) -> Digest:

@@ -194,7 +194,7 @@ def flip_a_stored_byte(data_dir: Path, digest: re_pb2.Digest, position: int) -> 
         flip_a_byte(blob_path(data_dir / "default" / "cas", digest), position)
         return
     with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
-        key = (bytes.fromhex(digest.hash), digest.size_bytes)
+        key = (digest.hash, digest.size_bytes)
         (data,) = db.execute("SELECT data FROM blobs WHERE hash = ? AND size = ?",
                              key).fetchone()
         damaged = bytearray(data)
@@ -208,7 +208,7 @@ def is_stored(data_dir: Path, digest: re_pb2.Digest) -> bool:
         return blob_path(data_dir / "default" / "cas", digest).exists()
     with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
         return db.execute("SELECT 1 FROM blobs WHERE hash = ? AND size = ?",
-                          (bytes.fromhex(digest.hash), digest.size_bytes)).fetchone() is not None
+                          (digest.hash, digest.size_bytes)).fetchone() is not None
 
 
 async def test_corrupted_blobs_are_detected_and_treated_as_missing(tmp_path: Path) -> None:

@@ -66,11 +66,15 @@ class StoreFactory:
         if isinstance(ref, DiskStorage):
             return self._bounded(DiskStore(self._path(ref.path), fsync=ref.fsync), ref)
         if isinstance(ref, PackedStorage):
-            store: BlobStore = PackedStore(self._path(ref.path), fsync=ref.fsync)
-            if ref.migrate_from is not None and (self._path(ref.migrate_from) / "blobs").is_dir():
+            path = self._path(ref.path)
+            store: BlobStore = PackedStore(path, fsync=ref.fsync)
+            marker = path.with_name(path.name + ".moved")
+            if (ref.migrate_from is not None and not marker.exists()
+                    and (self._path(ref.migrate_from) / "blobs").is_dir()):
                 limit = ref.migrate_max_blob_size
                 store = MigratingStore(store, DiskStore(self._path(ref.migrate_from)),
-                                       max_blob_size=None if limit is None else int(limit))
+                                       max_blob_size=None if limit is None else int(limit),
+                                       done_marker=marker)
             return self._bounded(store, ref)
         if isinstance(ref, SplitStorage):
             return SizeSplitStore(int(ref.threshold), self._part(ref.small),

@@ -6,7 +6,10 @@ served by a packed store now: at start-up the blobs of `old` up to
 (copied, committed, then deleted from `old`).  Until the move has finished,
 whatever `store` lacks is looked up in `old` too, so nothing stored before is
 ever reported missing; new blobs go to `store` only.  A blob that cannot be read
-from `old` while it moves is left there (and logged).
+from `old` while it moves is left there (and logged).  Once everything has moved,
+a marker file says so and later starts skip the old directory.  (Every process
+sharing the directory should run this version: an older one would go on writing
+files that nobody reads once the move is done.)
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
 
 from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError
@@ -26,10 +30,13 @@ BATCH = 500
 
 class MigratingStore(BlobStore):
     def __init__(self, store: BlobStore, old: BlobStore, *,
-                 max_blob_size: int | None = None) -> None:
+                 max_blob_size: int | None = None, done_marker: Path | None = None) -> None:
+        """`done_marker`: a file made once every blob has moved (the factory then
+        builds `store` alone on later starts)."""
         self.store = store
         self.old = old
         self.max_blob_size = max_blob_size
+        self.done_marker = done_marker
         self.migrating = True  # while true, misses are looked up in `old` too
         self.moved = 0
         self._task: asyncio.Task[None] | None = None
@@ -74,6 +81,11 @@ class MigratingStore(BlobStore):
                         "stay readable)", error.message)
             return
         self.migrating = False
+        if self.done_marker is not None:
+            try:
+                self.done_marker.write_text(f"moved {self.moved} blobs\n")
+            except OSError as error:
+                log.warning("cannot write %s: %s", self.done_marker, error.strerror)
         if self.moved:
             log.info("moved %d blobs of the previous layout into the packed store",
                      self.moved)

@@ -14,6 +14,10 @@ small blob costs.  This store keeps them as rows of one table instead.
   journaling; with `fsync` also across power loss, `synchronous=FULL`).
 - **Lookups never touch blob data**: FindMissingBlobs reads an index of (hash,
   size) only, and reads take many blobs per query, without opening anything.
+  Keys found stored, or just committed, are remembered until any process deletes
+  a blob (each deletion counts itself in the database, in its own transaction):
+  asking for blobs that are there, the usual question before a build, then costs
+  no query at all.
 - **Several processes** (the replicas on one machine) may share one database
   file: SQLite locks it, WAL lets readers go on while one process writes, and
   every connection waits for a busy lock (`busy_timeout`) rather than failing.
@@ -61,24 +65,30 @@ _QUERY_BATCH = 500  # digests per lookup statement (well under SQLite's 32,766 v
 _VACUUM_AFTER = 256  # pages freed by deletions (1 MiB of 4 KiB pages) before a step
 _VACUUM_PAGES = 4096  # at most this many free pages handed back per step (16 MiB)
 BUSY_TIMEOUT_MS = 30_000
+SEEN_LIMIT = 500_000  # keys remembered as stored (about 80 MB at most)
+READER_CACHE_KIB = 64 * 1024  # the reader's page cache (SQLite's default is 2 MiB)
+READER_MMAP = 256 * 1024 * 1024  # bytes of the file the reader maps instead of reading
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
-    hash BLOB NOT NULL,
+    hash TEXT NOT NULL,
     size INTEGER NOT NULL,
     data BLOB NOT NULL,
     last_access REAL NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS blobs_digest ON blobs (hash, size);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('deletions', 0);
 """
+DELETIONS = "SELECT value FROM meta WHERE key = 'deletions'"
 
 
-def _key(digest: Digest) -> tuple[bytes, int]:
-    return bytes.fromhex(digest.hash), digest.size_bytes
+def _key(digest: Digest) -> tuple[str, int]:
+    return digest.hash, digest.size_bytes
 
 
-def _digest(hash_: bytes, size: int) -> Digest:
-    return Digest(hash_.hex(), size)
+def _digest(hash_: str, size: int) -> Digest:
+    return Digest(hash_, size)
 
 
 class PackedStore(BlobStore):
@@ -91,6 +101,12 @@ class PackedStore(BlobStore):
         self._reader_thread: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # Keys known to be stored: found by lookups or committed by this process's
+        # writer.  Only a deletion can make one wrong, and every deletion counts itself
+        # in the `meta` table in its own transaction: the keys hold while that count
+        # stays `_seen_deletions` (in every process sharing the file).
+        self._seen: set[tuple[str, int]] = set()
+        self._seen_deletions: int | None = None
         self._queue: list[tuple[Callable[[sqlite3.Connection], object],
                                 asyncio.Future[None]]] = []
         self._draining: asyncio.Task[None] | None = None
@@ -115,7 +131,12 @@ class PackedStore(BlobStore):
         writer.execute("PRAGMA journal_mode = WAL")
         writer.executescript(SCHEMA)
         self._writer = writer
-        self._reader = self._connect()
+        reader = self._connect()
+        # Lookups walk the (hash, size) index: keep it in memory, not re-read.
+        reader.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+        reader.execute(f"PRAGMA mmap_size = {READER_MMAP}")
+        (self._seen_deletions,) = reader.execute(DELETIONS).fetchone()
+        self._reader = reader
 
     async def start(self) -> None:
         """Open the database (creating it); the first use opens it too."""
@@ -137,20 +158,39 @@ class PackedStore(BlobStore):
         except BuildfleetError:
             await self.close()
             raise
+        # Learn the stored keys from the index, behind the first lookups (which the
+        # reader thread serves in turn): a server started afresh answers
+        # FindMissingBlobs from memory too.
+        self._reader_thread.submit(self._preload)
+
+    def _preload(self) -> None:
+        try:
+            connection = self._read_connection()
+            (deletions,) = connection.execute(DELETIONS).fetchone()
+            keys = connection.execute(
+                f"SELECT hash, size FROM blobs LIMIT {SEEN_LIMIT // 2}").fetchall()
+        except sqlite3.Error as error:
+            log.debug("the packed store %s: not preloading its keys: %s", self.path, error)
+            return
+        self._remember(keys, deletions)
 
     async def close(self) -> None:
         if self._draining is not None:
             await asyncio.shield(self._draining)
-        for attribute in ("_writer", "_reader"):
-            connection = getattr(self, attribute)
-            if connection is not None:
-                connection.close()
-                setattr(self, attribute, None)
         for attribute in ("_writer_thread", "_reader_thread"):
             executor = getattr(self, attribute)
             if executor is not None:
                 executor.shutdown(wait=True)
                 setattr(self, attribute, None)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        with self._lock:
+            self._seen.clear()
+            self._seen_deletions = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     async def _on(self, which: str, func: Callable[[], T]) -> T:
         """`func` on the writer or the reader thread."""
@@ -227,13 +267,18 @@ class PackedStore(BlobStore):
         if not rows:
             return
 
+        deletions = 0
+
         def insert(connection: sqlite3.Connection) -> None:
+            nonlocal deletions
             connection.executemany(
                 "INSERT INTO blobs (hash, size, data, last_access) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (hash, size) DO UPDATE SET data = excluded.data, "
                 "last_access = excluded.last_access", rows)
+            (deletions,) = connection.execute(DELETIONS).fetchone()
 
         await self._write(insert)
+        self._remember([(row[0], row[1]) for row in rows], deletions)
 
     async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
                         ) -> list[BuildfleetError | None]:
@@ -259,6 +304,8 @@ class PackedStore(BlobStore):
                                         _key(digest))
             deleted = cursor.rowcount > 0
             if deleted:
+                connection.execute(
+                    "UPDATE meta SET value = value + 1 WHERE key = 'deletions'")
                 self._freed += 1 + digest.size_bytes // 4096
 
         await self._write(remove)
@@ -284,26 +331,51 @@ class PackedStore(BlobStore):
         """Rows (hash, size, *columns) of the stored blobs among `digests`."""
         connection = self._read_connection()
         rows: list[tuple[Any, ...]] = []
-        with self._lock:
-            for start in range(0, len(digests), _QUERY_BATCH):
-                batch = digests[start:start + _QUERY_BATCH]
-                marks = ",".join("?" * len(batch))
-                wanted = {_key(d) for d in batch}
-                for row in connection.execute(
-                        f"SELECT hash, size{columns} FROM blobs "
-                        f"WHERE hash IN ({marks})", [bytes.fromhex(d.hash) for d in batch]):
-                    if (row[0], row[1]) in wanted:
-                        rows.append(row)
+        for start in range(0, len(digests), _QUERY_BATCH):
+            batch = digests[start:start + _QUERY_BATCH]
+            wanted = set(batch)  # Digests: (hash, size) tuples
+            rows.extend(row for row in connection.execute(
+                f"SELECT hash, size{columns} FROM blobs "
+                f"WHERE hash IN ({','.join('?' * len(batch))})", [d.hash for d in batch])
+                if (row[0], row[1]) in wanted)
         return rows
+
+    def _missing(self, wanted: list[Digest]) -> list[Digest]:
+        """The digests among `wanted` that are not stored (on the reader thread): one
+        index-only query per batch of those not known to be stored."""
+        connection = self._read_connection()
+        (deletions,) = connection.execute(DELETIONS).fetchone()
+        with self._lock:
+            if deletions != self._seen_deletions or len(self._seen) > SEEN_LIMIT:
+                self._seen.clear()
+                self._seen_deletions = deletions
+            seen = self._seen
+            # A Digest is a (hash, size) tuple: it compares equal to its row.
+            unknown = [digest.hash for digest in wanted if digest not in seen]
+        found: list[tuple[str, int]] = []
+        full = ",".join("?" * _QUERY_BATCH)
+        for start in range(0, len(unknown), _QUERY_BATCH):
+            batch = unknown[start:start + _QUERY_BATCH]
+            marks = full if len(batch) == _QUERY_BATCH else ",".join("?" * len(batch))
+            found.extend(connection.execute(
+                f"SELECT hash, size FROM blobs WHERE hash IN ({marks})", batch))
+        with self._lock:
+            if self._seen_deletions == deletions:
+                seen.update(found)
+        present = set(found)
+        return [digest for digest in wanted if digest not in seen and digest not in present]
+
+    def _remember(self, keys: list[tuple[str, int]], deletions: int) -> None:
+        """Keys just committed, as of the deletion count their transaction saw."""
+        with self._lock:
+            if self._seen_deletions == deletions and len(self._seen) < SEEN_LIMIT:
+                self._seen.update(keys)
 
     async def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
         wanted = list(digests)
         if not wanted:
             return []
-        unique = list(dict.fromkeys(wanted))
-        rows = await self._on("reader", lambda: self._lookup(unique, ""))
-        present = {_digest(hash_, size) for hash_, size in rows}
-        return [digest for digest in wanted if digest not in present]
+        return await self._on("reader", lambda: self._missing(wanted))
 
     async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
         unique = list(dict.fromkeys(digests))
@@ -330,10 +402,9 @@ class PackedStore(BlobStore):
         return None if data is None else BytesReader(data)
 
     async def scan(self) -> AsyncIterator[StoredBlob]:
-        def everything() -> list[tuple[bytes, int, int, float]]:
-            with self._lock:
-                return list(self._read_connection().execute(
-                    "SELECT hash, size, length(data), last_access FROM blobs"))
+        def everything() -> list[tuple[str, int, int, float]]:
+            return list(self._read_connection().execute(
+                "SELECT hash, size, length(data), last_access FROM blobs"))
 
         for hash_, size, stored, last_access in await self._on("reader",
                                                                everything):

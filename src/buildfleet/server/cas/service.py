@@ -114,8 +114,7 @@ class ContentAddressableStorageService(re_grpc.ContentAddressableStorageServicer
                                context: grpc.aio.ServicerContext
                                ) -> re_pb2.FindMissingBlobsResponse:
         instance = self._instance(request.instance_name, request.digest_function)
-        digests = [Digest.from_proto(d, f"blob_digests[{i}]")
-                   for i, d in enumerate(request.blob_digests)]
+        digests = Digest.from_protos(request.blob_digests, "blob_digests")
         missing = await instance.cas.find_missing(digests)
         return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[_proto(d) for d in missing])
 
