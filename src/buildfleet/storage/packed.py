@@ -28,8 +28,12 @@ small blob costs.  This store keeps them as rows of one table instead.
   the writer thread) so that `scan` orders eviction of a size-limited wrapper
   (`max-size`) by the last use in any process.
 
-Reads run on a reader thread with a connection of its own (WAL readers do not
-wait for the writer); the event loop never waits on SQLite.
+Small lookups and small commits (an action-cache entry, a Directory message) run
+on the event loop: SQLite does them in microseconds, less than a hand-off to a
+thread costs, and the loop's writer never waits for another process's lock (a busy
+database sends the commit to the writer thread).  Larger lookups run on a reader
+thread with a connection of its own (WAL readers do not wait for the writer),
+larger commits on the writer thread.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ _VACUUM_AFTER = 256  # pages freed by deletions (1 MiB of 4 KiB pages) before a 
 _VACUUM_PAGES = 4096  # at most this many free pages handed back per step (16 MiB)
 BUSY_TIMEOUT_MS = 30_000
 SEEN_LIMIT = 500_000  # keys remembered as stored (about 80 MB at most)
+INLINE_DIGESTS = 16  # lookups of at most this many digests run on the event loop
+INLINE_WRITE_BYTES = 256 * 1024  # commits of at most this much data, too
 READER_CACHE_KIB = 64 * 1024  # the reader's page cache (SQLite's default is 2 MiB)
 READER_MMAP = 256 * 1024 * 1024  # bytes of the file the reader maps instead of reading
 
@@ -101,6 +107,12 @@ class PackedStore(BlobStore):
         self._reader_thread: ThreadPoolExecutor | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # The event loop's own connections, for small lookups and small commits: a
+        # row or two costs SQLite microseconds, less than a hand-off to a thread (and
+        # the wait for the GIL back).  The inline writer never waits for another
+        # process's lock: when the database is busy the commit goes to the thread.
+        self._inline_reader: sqlite3.Connection | None = None
+        self._inline_writer: sqlite3.Connection | None = None
         # Keys known to be stored: found by lookups or committed by this process's
         # writer.  Only a deletion can make one wrong, and every deletion counts itself
         # in the `meta` table in its own transaction: the keys hold while that count
@@ -109,6 +121,7 @@ class PackedStore(BlobStore):
         self._seen_deletions: int | None = None
         self._queue: list[tuple[Callable[[sqlite3.Connection], object],
                                 asyncio.Future[None]]] = []
+        self._queued_bytes = 0
         self._draining: asyncio.Task[None] | None = None
         self._opening: asyncio.Future[None] | None = None
         self._freed = 0  # pages (about) freed by deletions since the last vacuum step
@@ -137,6 +150,10 @@ class PackedStore(BlobStore):
         reader.execute(f"PRAGMA mmap_size = {READER_MMAP}")
         (self._seen_deletions,) = reader.execute(DELETIONS).fetchone()
         self._reader = reader
+        self._inline_reader = self._connect()
+        inline_writer = self._connect()
+        inline_writer.execute("PRAGMA busy_timeout = 0")
+        self._inline_writer = inline_writer
 
     async def start(self) -> None:
         """Open the database (creating it); the first use opens it too."""
@@ -182,9 +199,11 @@ class PackedStore(BlobStore):
             if executor is not None:
                 executor.shutdown(wait=True)
                 setattr(self, attribute, None)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for attribute in ("_reader", "_inline_reader", "_inline_writer"):
+            connection = getattr(self, attribute)
+            if connection is not None:
+                connection.close()
+                setattr(self, attribute, None)
         with self._lock:
             self._seen.clear()
             self._seen_deletions = None
@@ -204,9 +223,24 @@ class PackedStore(BlobStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, func)
         except sqlite3.Error as error:
-            if "full" in str(error):  # SQLITE_FULL: the disk
-                raise ResourceExhausted(f"the packed store {self.path}: {error}") from None
-            raise Unavailable(f"the packed store {self.path}: {error}") from None
+            raise self._error(error) from None
+
+    def _error(self, error: sqlite3.Error) -> BuildfleetError:
+        if "full" in str(error):  # SQLITE_FULL: the disk
+            return ResourceExhausted(f"the packed store {self.path}: {error}")
+        return Unavailable(f"the packed store {self.path}: {error}")
+
+    async def _inline(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        """`func(connection)` on the event loop with its own reading connection."""
+        if self._inline_reader is None:
+            await self.start()
+        connection = self._inline_reader
+        if connection is None:
+            raise Unavailable(f"the packed store {self.path} is closed")
+        try:
+            return func(connection)
+        except sqlite3.Error as error:
+            raise self._error(error) from None
 
     def _read_connection(self) -> sqlite3.Connection:
         if self._reader is None:
@@ -214,10 +248,13 @@ class PackedStore(BlobStore):
         return self._reader
 
     # -------------------------------------------------------------- writes
-    async def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
-        """Run `work` in the next group commit; returns once it has committed."""
+    async def _write(self, work: Callable[[sqlite3.Connection], object], size: int = 0
+                     ) -> None:
+        """Run `work` (writing about `size` bytes) in the next group commit; returns
+        once it has committed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((work, future))
+        self._queued_bytes += size
         if self._draining is None:
             self._draining = asyncio.create_task(self._drain())
         await future
@@ -226,8 +263,10 @@ class PackedStore(BlobStore):
         try:
             while self._queue:
                 group, self._queue = self._queue, []
+                size, self._queued_bytes = self._queued_bytes, 0
                 try:
-                    await self._on("writer", functools.partial(self._commit, group))
+                    if size > INLINE_WRITE_BYTES or not self._commit_inline(group):
+                        await self._on("writer", functools.partial(self._commit, group))
                 except BuildfleetError as error:
                     for _, future in group:
                         if not future.done():
@@ -239,10 +278,27 @@ class PackedStore(BlobStore):
         finally:
             self._draining = None
 
+    def _commit_inline(self, group: list[tuple[Callable[[sqlite3.Connection], object],
+                                               asyncio.Future[None]]]) -> bool:
+        """Commit a small group on the event loop; False when another connection holds
+        the write lock (the writer thread then waits for it)."""
+        if self._inline_writer is None:
+            return False
+        try:
+            self._commit(group, self._inline_writer)
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                return False
+            raise self._error(error) from None
+        except sqlite3.Error as error:
+            raise self._error(error) from None
+        return True
+
     def _commit(self, group: list[tuple[Callable[[sqlite3.Connection], object],
-                                        asyncio.Future[None]]]) -> None:
-        """One transaction for the whole group (on the writer thread)."""
-        connection = self._writer
+                                        asyncio.Future[None]]],
+                connection: sqlite3.Connection | None = None) -> None:
+        """One transaction for the whole group (on the writer thread, or inline)."""
+        connection = connection or self._writer
         if connection is None:
             raise sqlite3.OperationalError("the store is closed")
         connection.execute("BEGIN IMMEDIATE")
@@ -277,7 +333,7 @@ class PackedStore(BlobStore):
                 "last_access = excluded.last_access", rows)
             (deletions,) = connection.execute(DELETIONS).fetchone()
 
-        await self._write(insert)
+        await self._write(insert, sum(len(row[2]) for row in rows))
         self._remember([(row[0], row[1]) for row in rows], deletions)
 
     async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
@@ -327,9 +383,10 @@ class PackedStore(BlobStore):
         task.add_done_callback(_log_touch_failure)
 
     # --------------------------------------------------------------- reads
-    def _lookup(self, digests: list[Digest], columns: str) -> list[tuple[Any, ...]]:
+    def _lookup(self, digests: list[Digest], columns: str,
+                connection: sqlite3.Connection | None = None) -> list[tuple[Any, ...]]:
         """Rows (hash, size, *columns) of the stored blobs among `digests`."""
-        connection = self._read_connection()
+        connection = connection or self._read_connection()
         rows: list[tuple[Any, ...]] = []
         for start in range(0, len(digests), _QUERY_BATCH):
             batch = digests[start:start + _QUERY_BATCH]
@@ -340,10 +397,11 @@ class PackedStore(BlobStore):
                 if (row[0], row[1]) in wanted)
         return rows
 
-    def _missing(self, wanted: list[Digest]) -> list[Digest]:
-        """The digests among `wanted` that are not stored (on the reader thread): one
-        index-only query per batch of those not known to be stored."""
-        connection = self._read_connection()
+    def _missing(self, wanted: list[Digest], connection: sqlite3.Connection | None = None
+                 ) -> list[Digest]:
+        """The digests among `wanted` that are not stored (on the reader thread, or
+        inline): one index-only query per batch of those not known to be stored."""
+        connection = connection or self._read_connection()
         (deletions,) = connection.execute(DELETIONS).fetchone()
         with self._lock:
             if deletions != self._seen_deletions or len(self._seen) > SEEN_LIMIT:
@@ -375,14 +433,20 @@ class PackedStore(BlobStore):
         wanted = list(digests)
         if not wanted:
             return []
+        if len(wanted) <= INLINE_DIGESTS:
+            return await self._inline(lambda connection: self._missing(wanted, connection))
         return await self._on("reader", lambda: self._missing(wanted))
 
     async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
         unique = list(dict.fromkeys(digests))
         if not unique:
             return {}
-        rows = await self._on("reader",
-                              lambda: self._lookup(unique, ", data, last_access"))
+        columns = ", data, last_access"
+        if len(unique) <= INLINE_DIGESTS:
+            rows = await self._inline(lambda connection: self._lookup(unique, columns,
+                                                                      connection))
+        else:
+            rows = await self._on("reader", lambda: self._lookup(unique, columns))
         found: dict[Digest, bytes] = {}
         stale: list[Digest] = []
         cutoff = time.time() - TOUCH_AFTER
