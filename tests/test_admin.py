@@ -159,7 +159,8 @@ async def test_operations_from_the_command_line(start_server: Any, tmp_path: Pat
         if operation.done:
             break
     waiting = client.execute(await client.action("sleep", "60",
-                                                 platform=[("OSFamily", "plan9")]))
+                                                 platform=[("OSFamily", "plan9")]),
+                             priority=-2)
     waiting_name = (await client.first_operation(waiting)).name
 
     listed = await as_json(server, tmp_path, "ops", "list")
@@ -184,6 +185,9 @@ async def test_operations_from_the_command_line(start_server: Any, tmp_path: Pat
     assert "bot:        runner" in shown.stdout
     detail = await as_json(server, tmp_path, "ops", "show", waiting_name)
     assert detail["arguments"] == ["sleep", "60"] and detail["summary"]["stage"] == "QUEUED"
+    assert detail["summary"]["priority"] == -2
+    assert "priority:   -2" in (await cli(server, tmp_path, "ops", "show", waiting_name)).stdout
+    assert "priority:   0" in shown.stdout
 
     cancelled = await cli(server, tmp_path, "ops", "cancel", waiting_name)
     assert cancelled.returncode == 0, cancelled.stderr

@@ -40,7 +40,7 @@ async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path) -> Non
                                              msg="<script>alert(1)</script>"))
         client = Client(server.channel)
         digest = await client.action("echo", "it's <here>", platform=[("OSFamily", "linux")])
-        call = client.execute(digest)
+        call = client.execute(digest, priority=3)
         operation = await client.first_operation(call)
 
         async def overview_with(text: str) -> str | None:
@@ -90,6 +90,7 @@ async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path) -> Non
         assert f"{digest.hash}/{digest.size_bytes}" in html
         assert "echo &#39;it&#39;&#34;&#39;&#34;&#39;s &lt;here&gt;&#39;" in html  # shlex-quoted
         assert "runner-1" in html and 'class="exit-code">0<' in html
+        assert '<dd class="priority">3</dd>' in html
         start = html.index('href="/blob?')
         link = html[start + len('href="'):html.index('"', start + len('href="'))]
         status, text, response = await visitor.get(link.replace("&amp;", "&"))
@@ -123,8 +124,12 @@ async def test_changes_come_only_from_the_page(start_server: Any) -> None:
         assert status == 403
         assert "No drains." in (await visitor.get("/bots"))[1]
         # DNS rebinding: another name that resolves to this machine
-        status, body, _ = await visitor.get("/", headers={"Host": "evil.example"})
-        assert status == 421 and "loopback host names" in body
+        for host in ("evil.example", "localhost.evil.example", "127.0.0.1.evil.example",
+                     "[::2]:80"):
+            status, body, _ = await visitor.get("/", headers={"Host": host})
+            assert status == 421 and "loopback host names" in body, host
+        for host in ("localhost:8080", "127.0.0.5", "[::1]:8080"):
+            assert (await visitor.get("/", headers={"Host": host}))[0] == 200, host
         status, body, _ = await visitor.post(
             "/api/drain", json={"instance": "", "pattern": "*"},
             headers={**PAGE_HEADER, "Host": "evil.example"})

@@ -297,7 +297,7 @@ def _detail_lines(detail: admin_pb2.OperationDetail) -> list[str]:
              + (" (cancelled)" if summary.cancelled else ""),
              f"action:     {summary.action_digest.hash}/{summary.action_digest.size_bytes}",
              f"submitter:  {summary.submitter or '-'}", f"bot:        {summary.worker or '-'}",
-             f"attempts:   {summary.attempts}"]
+             f"attempts:   {summary.attempts}", f"priority:   {summary.priority}"]
     if summary.stage == "COMPLETED":
         lines.append(f"outcome:    {_outcome(summary)}"
                      + (f" ({summary.message})" if summary.message else ""))

@@ -79,6 +79,7 @@ class Operation:
     cancelled: bool = False
     attempts: int = 0  # leases of the job that ended without a final result
     owner: str = ""  # the principal that submitted it ("": authentication is off)
+    priority: int = 0  # the job's (REAPI: lower runs sooner)
 
     @property
     def done(self) -> bool:

@@ -88,7 +88,8 @@ class OperationRecord:
             response=self.response if done else None, queued_at=job.queued_at,
             created_at=self.created_at,
             worker=job.lease.session.bot_id if job.lease is not None else job.worker,
-            cancelled=self.cancelled, attempts=job.attempts, owner=self.owner)
+            cancelled=self.cancelled, attempts=job.attempts, owner=self.owner,
+            priority=job.priority)
 
 
 @dataclass(eq=False, slots=True)

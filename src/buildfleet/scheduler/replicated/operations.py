@@ -66,7 +66,8 @@ def joined_view(name: str, row: Row, *, created_at: float, owner: str) -> Operat
         name=name, instance=row["instance"], job_id=row["id"],
         action_digest=Digest(row["action_hash"], row["action_size"]), stage=Stage(row["stage"]),
         response=bytes(row["response"]) if done else None, queued_at=row["queued_at"],
-        created_at=created_at, worker=row["worker"], attempts=row["attempts"], owner=owner)
+        created_at=created_at, worker=row["worker"], attempts=row["attempts"], owner=owner,
+        priority=row["priority"])
 
 
 async def join(tx: Tx, digest: Digest, priority: int, skip_cache_lookup: bool) -> Row | None:

@@ -250,7 +250,7 @@ class ReplicatedScheduler:
         now = time.time()
         queued = Operation(name=name, instance=self.instance, job_id=job["id"],
                            action_digest=action_digest, stage=Stage.QUEUED, response=None,
-                           queued_at=now, created_at=now, owner=owner)
+                           queued_at=now, created_at=now, owner=owner, priority=priority)
         if self._queued < self.settings.max_queued:
             # Listening for the job's changes before it exists: none can be missed.
             waiter = self._watchers.subscribe(job["id"]).waiter()

@@ -87,7 +87,8 @@ def operation_view(row: Row) -> Operation:
         response=bytes(response) if stage == Stage.COMPLETED and response is not None
         else None,
         queued_at=row["queued_at"], created_at=row["op_created_at"], worker=worker or "",
-        cancelled=row["op_cancelled"], attempts=row["attempts"], owner=row["op_owner"])
+        cancelled=row["op_cancelled"], attempts=row["attempts"], owner=row["op_owner"],
+        priority=row["priority"])
 
 
 def lease_view(row: Row, state: LeaseState | None = None) -> Lease:

@@ -152,7 +152,7 @@ class AdminService:
             name=operation.name, stage=operation.stage.name,
             action_digest=proto_digest(operation.action_digest), submitter=operation.owner,
             worker=operation.worker, attempts=operation.attempts,
-            cancelled=operation.cancelled)
+            cancelled=operation.cancelled, priority=operation.priority)
         summary.queued.FromNanoseconds(int(operation.queued_at * 1e9))
         if response is None:
             response = _response(operation)

@@ -14,6 +14,7 @@ own script and style.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import shlex
 import time
@@ -43,7 +44,6 @@ FRAGMENT_HEADER = "X-Buildfleet-Fragment"  # asks for a page's live part only
 REQUEST_HEADER = "X-Buildfleet-Request"  # every change the page sends carries it
 PAGE_SIZE = 50
 BLOB_SHOWN = 8 * 1024 * 1024  # the largest stdout/stderr blob the page shows
-LOOPBACK_HOSTS = ("localhost", "127.", "[::1]")
 STATUSES = ("OK", "UNHEALTHY", "HOST_REBOOTING", "BOT_TERMINATING", "INITIALIZING")
 
 SECURITY_HEADERS = {
@@ -195,10 +195,7 @@ class Pages:
     def _host_allowed(self, request: web.Request) -> bool:
         """With authentication off, only loopback names: a page of another site that
         rebinds its DNS name to this machine must not reach the fleet."""
-        if self.calls.authenticating:
-            return True
-        host = request.host.lower()
-        return host.startswith(LOOPBACK_HOSTS) or request.app.get("any_host", False)
+        return self.calls.authenticating or is_loopback_host(request.host)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -455,6 +452,23 @@ class Pages:
         data = (files("buildfleet.server.web") / "static" / name).read_bytes()
         return web.Response(body=data, content_type=types[name], charset="utf-8",
                             headers={"Cache-Control": "no-cache"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback: `localhost`, an address
+    in 127.0.0.0/8 or ::1, with or without a port (names that merely begin like one,
+    `localhost.example.com`, do not)."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1] or [::1]:port
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _redirect(target: str) -> web.Response:

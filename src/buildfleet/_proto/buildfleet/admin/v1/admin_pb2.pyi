@@ -161,7 +161,7 @@ class RemoveDrainRequest(_message.Message):
     def __init__(self, instance_name: _Optional[str] = ..., pattern: _Optional[str] = ...) -> None: ...
 
 class OperationSummary(_message.Message):
-    __slots__ = ("name", "stage", "action_digest", "submitter", "worker", "queued", "attempts", "cancelled", "status", "message", "ran", "exit_code", "cached")
+    __slots__ = ("name", "stage", "action_digest", "submitter", "worker", "queued", "attempts", "cancelled", "status", "message", "ran", "exit_code", "cached", "priority")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class OperationSummary(_message.Message):
     RAN_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: str
     action_digest: _remote_execution_pb2.Digest
@@ -188,7 +189,8 @@ class OperationSummary(_message.Message):
     ran: bool
     exit_code: int
     cached: bool
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., submitter: _Optional[str] = ..., worker: _Optional[str] = ..., queued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., cancelled: _Optional[bool] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., ran: _Optional[bool] = ..., exit_code: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., submitter: _Optional[str] = ..., worker: _Optional[str] = ..., queued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., cancelled: _Optional[bool] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., ran: _Optional[bool] = ..., exit_code: _Optional[int] = ..., cached: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class OperationDetail(_message.Message):
     __slots__ = ("summary", "arguments", "working_directory", "platform", "output_paths", "timeout", "execution_metadata", "stdout_digest", "stderr_digest")
