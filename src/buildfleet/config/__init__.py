@@ -82,9 +82,9 @@ __all__ = [
 ]
 
 
-class MetricsConfig(Model):
-    """Prometheus metrics over HTTP: `listen` HOST:PORT (port 0 picks a free one); off
-    when unset.  The endpoint shows counts, never anyone's actions or data."""
+class HttpEndpointConfig(Model):
+    """An HTTP endpoint of the server: `listen` HOST:PORT (port 0 picks a free one);
+    off when unset."""
 
     listen: str | None = None
 
@@ -96,22 +96,18 @@ class MetricsConfig(Model):
         return listen
 
 
-class WebConfig(Model):
-    """The fleet's web page over HTTP(S): `listen` HOST:PORT (port 0 picks a free one);
-    off when unset.  It uses the listener TLS of `tls` (or the server's top-level
-    `tls`) unless `plaintext`; with authentication configured it asks for the same
-    credentials as the Admin API."""
+class MetricsConfig(HttpEndpointConfig):
+    """Prometheus metrics over HTTP.  The endpoint shows counts, never anyone's
+    actions or data."""
 
-    listen: str | None = None
+
+class WebConfig(HttpEndpointConfig):
+    """The fleet's web page over HTTP(S).  It uses the TLS of `tls` (or the server's
+    top-level `tls`) unless `plaintext`; with authentication configured it asks for
+    the same credentials as the Admin API."""
+
     tls: TlsConfig | None = None
     plaintext: bool = False
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, listen: str | None) -> str | None:
-        if listen is not None:
-            parse_listen_address(listen)
-        return listen
 
     @model_validator(mode="after")
     def _check(self) -> WebConfig:

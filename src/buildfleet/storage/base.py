@@ -157,6 +157,35 @@ class BlobStore(abc.ABC):
         """Every blob the store holds, for building indexes at start-up."""
 
 
+class WholeBlobStore(BlobStore):
+    """A store that keeps each blob whole (a row of a database): reads are `get_many`,
+    a streamed write is collected in memory and stored with `put_many` on commit."""
+
+    async def get(self, digest: Digest) -> bytes | None:
+        return (await self.get_many([digest])).get(digest)
+
+    @abc.abstractmethod
+    async def get_many(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        """The blobs that are present among `digests`."""
+
+    async def open(self, digest: Digest) -> BlobReader | None:
+        data = await self.get(digest)
+        return None if data is None else BytesReader(data)
+
+    async def put(self, digest: Digest, data: bytes) -> None:
+        await self.put_many([(digest, data)])
+
+    @abc.abstractmethod
+    async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
+        """Store several blobs."""
+
+    async def begin_write(self, digest: Digest) -> BlobWriter:
+        async def store(data: bytes) -> None:
+            await self.put(digest, data)
+
+        return BufferedWriter(store)
+
+
 class BytesReader(BlobReader):
     """A reader over bytes already in memory."""
 

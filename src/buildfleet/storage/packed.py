@@ -51,14 +51,7 @@ from typing import Any, TypeVar
 
 from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError, ResourceExhausted, Unavailable
-from buildfleet.storage.base import (
-    BlobReader,
-    BlobStore,
-    BlobWriter,
-    BufferedWriter,
-    BytesReader,
-    StoredBlob,
-)
+from buildfleet.storage.base import StoredBlob, WholeBlobStore
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +90,7 @@ def _digest(hash_: str, size: int) -> Digest:
     return Digest(hash_, size)
 
 
-class PackedStore(BlobStore):
+class PackedStore(WholeBlobStore):
     """Blobs as rows of one SQLite database file at `path`."""
 
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
@@ -314,9 +307,6 @@ class PackedStore(BlobStore):
             self._freed = 0
             connection.execute(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})").fetchall()
 
-    async def put(self, digest: Digest, data: bytes) -> None:
-        await self.put_many([(digest, data)])
-
     async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         now = time.time()
         rows = [(*_key(digest), bytes(data), now) for digest, data in blobs]
@@ -344,12 +334,6 @@ class PackedStore(BlobStore):
         except BuildfleetError as error:
             return [error] * len(blobs)
         return [None] * len(blobs)
-
-    async def begin_write(self, digest: Digest) -> BlobWriter:
-        async def store(data: bytes) -> None:
-            await self.put(digest, data)
-
-        return BufferedWriter(store)
 
     async def delete(self, digest: Digest) -> bool:
         deleted = False
@@ -457,13 +441,6 @@ class PackedStore(BlobStore):
                 stale.append(digest)
         self._touch_later(stale)
         return found
-
-    async def get(self, digest: Digest) -> bytes | None:
-        return (await self.get_many([digest])).get(digest)
-
-    async def open(self, digest: Digest) -> BlobReader | None:
-        data = await self.get(digest)
-        return None if data is None else BytesReader(data)
 
     async def scan(self) -> AsyncIterator[StoredBlob]:
         def everything() -> list[tuple[str, int, int, float]]:

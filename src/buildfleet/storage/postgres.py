@@ -23,14 +23,7 @@ from typing import Any
 from buildfleet.config import PostgresConfig
 from buildfleet.digest import Digest
 from buildfleet.postgres import Database, migrate
-from buildfleet.storage.base import (
-    BlobReader,
-    BlobStore,
-    BlobWriter,
-    BufferedWriter,
-    BytesReader,
-    StoredBlob,
-)
+from buildfleet.storage.base import StoredBlob, WholeBlobStore
 
 # A blob's recorded last use is refreshed when a read finds it older than this.
 TOUCH_AFTER = 60.0
@@ -38,7 +31,7 @@ TOUCH_AFTER = 60.0
 _BATCH = 1000
 
 
-class PostgresStore(BlobStore):
+class PostgresStore(WholeBlobStore):
     """Blobs of one namespace in the `blobs` table of a PostgreSQL database."""
 
     def __init__(self, url: str, config: PostgresConfig | None = None, *,
@@ -102,16 +95,6 @@ class PostgresStore(BlobStore):
         await self._touch(stale)
         return found
 
-    async def get(self, digest: Digest) -> bytes | None:
-        return (await self.get_many([digest])).get(digest)
-
-    async def open(self, digest: Digest) -> BlobReader | None:
-        data = await self.get(digest)
-        return None if data is None else BytesReader(data)
-
-    async def put(self, digest: Digest, data: bytes) -> None:
-        await self.put_many([(digest, data)])
-
     async def put_many(self, blobs: Iterable[tuple[Digest, bytes]]) -> None:
         rows = [(self.namespace, d.hash, d.size_bytes, bytes(data), time.time())
                 for d, data in blobs]
@@ -123,12 +106,6 @@ class PostgresStore(BlobStore):
                 "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (namespace, hash, size) "
                 "DO UPDATE SET data = EXCLUDED.data, last_access = EXCLUDED.last_access",
                 rows)
-
-    async def begin_write(self, digest: Digest) -> BlobWriter:
-        async def store(data: bytes) -> None:
-            await self.put(digest, data)
-
-        return BufferedWriter(store)
 
     async def delete(self, digest: Digest) -> bool:
         async with self.database.connection() as conn:
