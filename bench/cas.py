@@ -195,11 +195,15 @@ async def find_missing_pass(address: str, args: argparse.Namespace, *, upload: b
                             ) -> list[float]:
     """Seconds to ask FindMissingBlobs of every `--find-missing` digest, 1,000 per call
     and 8 calls at a time (as Bazel asks before a build): the first pass, then a
-    repeat.  `upload`: store the blobs first (the server then knows them)."""
+    repeat.  `upload`: first ask for them (all missing) and store them, as a client
+    does before a build that needs them."""
     uploads, asks = _find_missing_requests(args)
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
         cas = re_grpc.ContentAddressableStorageStub(channel)
-        if upload:
+        if upload:  # as a client does: ask, then upload what is missing
+            for request in asks:
+                response = await cas.FindMissingBlobs(request)
+                assert len(response.missing_blob_digests) == len(request.blob_digests)
             for request in uploads:
                 await cas.BatchUpdateBlobs(request)
         slots = asyncio.Semaphore(8)

@@ -37,6 +37,9 @@ class SchedulerConfig(Model):
     retry_backoff: float = Field(default=1.0, ge=0)
     retry_backoff_max: float = Field(default=30.0, ge=0)
     completed_retention: float = Field(default=3600.0, gt=0)  # keep finished operations
+    # Finished operations the embedded strategy keeps in memory (the most recent);
+    # older ones are read back from the scheduler's database while they are retained.
+    completed_in_memory: int = Field(default=10_000, ge=0)
     cache_failed_results: bool = False  # also cache results with a non-zero exit code
     bot_label_key: str = "OSFamily"  # property that labels bots in metrics
     # Platform properties that tell the bot how to run an action (its limits), not

@@ -186,4 +186,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (instance, pattern)
     );
     """,
+    # version 8: the write-behind store reads done operations back and expires them
+    # (embedded/store.py expire_done)
+    """
+    CREATE INDEX jobs_done ON jobs (instance, completed_at) WHERE stage = 4;
+    CREATE INDEX operations_job ON operations (job_id);
+    """,
 ]

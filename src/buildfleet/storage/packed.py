@@ -14,10 +14,11 @@ small blob costs.  This store keeps them as rows of one table instead.
   journaling; with `fsync` also across power loss, `synchronous=FULL`).
 - **Lookups never touch blob data**: FindMissingBlobs reads an index of (hash,
   size) only, and reads take many blobs per query, without opening anything.
-  Keys found stored, or just committed, are remembered until any process deletes
-  a blob (each deletion counts itself in the database, in its own transaction):
-  asking for blobs that are there, the usual question before a build, then costs
-  no query at all.
+  Keys found stored, read from the index at start-up, or committed after the
+  first FindMissingBlobs, are remembered until any process deletes a blob (each
+  deletion counts itself in the database, in its own transaction): asking for
+  blobs that are there, the usual question before a build, then costs no query at
+  all.
 - **Several processes** (the replicas on one machine) may share one database
   file: SQLite locks it, WAL lets readers go on while one process writes, and
   every connection waits for a busy lock (`busy_timeout`) rather than failing.
@@ -112,6 +113,7 @@ class PackedStore(WholeBlobStore):
         # stays `_seen_deletions` (in every process sharing the file).
         self._seen: set[tuple[str, int]] = set()
         self._seen_deletions: int | None = None
+        self._asked = False  # whether FindMissingBlobs has asked this store
         self._queue: list[tuple[Callable[[sqlite3.Connection], object],
                                 asyncio.Future[None]]] = []
         self._queued_bytes = 0
@@ -324,7 +326,7 @@ class PackedStore(WholeBlobStore):
             (deletions,) = connection.execute(DELETIONS).fetchone()
 
         await self._write(insert, sum(len(row[2]) for row in rows))
-        self._remember([(row[0], row[1]) for row in rows], deletions)
+        self._remember([(row[0], row[1]) for row in rows], deletions, written=True)
 
     async def put_batch(self, blobs: Sequence[tuple[Digest, bytes]]
                         ) -> list[BuildfleetError | None]:
@@ -387,6 +389,7 @@ class PackedStore(WholeBlobStore):
         inline): one index-only query per batch of those not known to be stored."""
         connection = connection or self._read_connection()
         (deletions,) = connection.execute(DELETIONS).fetchone()
+        self._asked = True
         with self._lock:
             if deletions != self._seen_deletions or len(self._seen) > SEEN_LIMIT:
                 self._seen.clear()
@@ -407,9 +410,14 @@ class PackedStore(WholeBlobStore):
         present = set(found)
         return [digest for digest in wanted if digest not in seen and digest not in present]
 
-    def _remember(self, keys: list[tuple[str, int]], deletions: int) -> None:
-        """Keys just committed, as of the deletion count their transaction saw."""
+    def _remember(self, keys: list[tuple[str, int]], deletions: int, *,
+                  written: bool = False) -> None:
+        """Keys known to be stored as of the deletion count `deletions`.  Keys just
+        `written` only once FindMissingBlobs has asked this store (a client asks
+        before it uploads; an action cache is never asked, and remembers no entry)."""
         with self._lock:
+            if written and not self._asked:
+                return
             if self._seen_deletions == deletions and len(self._seen) < SEEN_LIMIT:
                 self._seen.update(keys)
 

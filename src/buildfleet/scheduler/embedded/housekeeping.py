@@ -79,6 +79,8 @@ def forget_recent(state: EmbeddedState, wall: float) -> None:
                 job.completed_at, wall, skip_cache_lookup=False):
             return
         recent.popitem(last=False)
+        if job.done and not job.operations:  # its operations left memory (retire)
+            state.jobs.pop(job.id, None)
 
 
 def forget_old(state: EmbeddedState, wall: float) -> None:
@@ -106,6 +108,7 @@ def forget_old(state: EmbeddedState, wall: float) -> None:
             heapq.heappush(expiry, (ended, kind, key))
             continue
         del state.operations[key]
+        state.finished.pop(key, None)
         job = operation.job
         job.operations.discard(key)
         state.store.delete_operation(key)

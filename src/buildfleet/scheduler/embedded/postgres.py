@@ -12,7 +12,15 @@ from psycopg.rows import dict_row
 from buildfleet.config import PostgresConfig
 from buildfleet.errors import Unavailable
 from buildfleet.postgres import Database, first_line, migrate, retry_info
-from buildfleet.scheduler.embedded.store import TABLES, Row, SchedulerStore, StoredState
+from buildfleet.scheduler.embedded.store import (
+    COMPLETED,
+    EXPIRE_JOBS,
+    EXPIRE_OPERATIONS,
+    TABLES,
+    Row,
+    SchedulerStore,
+    StoredState,
+)
 
 
 def _upsert_sql(table: str, columns: list[str]) -> str:
@@ -61,6 +69,37 @@ class PostgresSchedulerStore(SchedulerStore):
                 await cursor.execute(f"SELECT * FROM {table} WHERE instance = %s", (instance,))
                 target.extend(await cursor.fetchall())
         return state
+
+    async def _load_operation(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        async with self.database.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute("SELECT * FROM operations WHERE name = %s AND instance = %s",
+                                 (name, instance))
+            operation = await cursor.fetchone()
+            if operation is None:
+                return None
+            await cursor.execute("SELECT * FROM jobs WHERE id = %s", (operation["job_id"],))
+            job = await cursor.fetchone()
+        return None if job is None else (operation, job)
+
+    async def _load_done(self, instance: str) -> list[tuple[Row, Row]]:
+        async with self.database.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                """SELECT o.* FROM operations o JOIN jobs j ON j.id = o.job_id
+                   WHERE o.instance = %s AND (o.own_response IS NOT NULL OR j.stage = %s)""",
+                (instance, COMPLETED))
+            operations = await cursor.fetchall()
+            await cursor.execute("SELECT * FROM jobs WHERE id = ANY(%s)",
+                                 (list({o["job_id"] for o in operations}),))
+            jobs = {job["id"]: job for job in await cursor.fetchall()}
+        return [(operation, jobs[operation["job_id"]]) for operation in operations
+                if operation["job_id"] in jobs]
+
+    async def _expire(self, instance: str, cutoff: float) -> None:
+        async with self.database.transaction() as conn:
+            await conn.execute(EXPIRE_OPERATIONS, (instance, cutoff, instance, COMPLETED, cutoff))
+            await conn.execute(EXPIRE_JOBS, (instance, COMPLETED, cutoff))
 
     async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from collections import OrderedDict
 
 from buildfleet.digest import Digest
 from buildfleet.scheduler.embedded.records import (
@@ -21,7 +22,7 @@ from buildfleet.scheduler.embedded.records import (
 )
 from buildfleet.scheduler.embedded.state import EmbeddedState
 from buildfleet.scheduler.embedded.store import Row, StoredState
-from buildfleet.scheduler.model import BotStatus, LeaseState, Properties, Stage
+from buildfleet.scheduler.model import BotStatus, LeaseState, Operation, Properties, Stage
 from buildfleet.scheduler.rules import timers
 from buildfleet.scheduler.rules.drains import Drain
 from buildfleet.scheduler.rules.matching import lease_id
@@ -47,7 +48,7 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
         state.drains[row["pattern"]] = Drain(row["pattern"], row["created_at"])
     max_seq = -1
     for row in sorted(stored.jobs, key=lambda r: r["seq"]):
-        job = _job(state, row)
+        job = job_from_row(state, row)
         max_seq = max(max_seq, job.seq)
         state.jobs[job.id] = job
         if job.done:
@@ -73,11 +74,7 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
         if target is None:
             state.store.delete_operation(row["name"])
             continue
-        operation = OperationRecord(name=row["name"], instance=state.instance, job=target,
-                                    created_at=row["created_at"],
-                                    cancelled=bool(row["cancelled"]),
-                                    own_response=row["own_response"],
-                                    owner=row.get("owner") or "")
+        operation = operation_from_row(state, row, target)
         state.operations[operation.name] = operation
         if not operation.cancelled:
             target.operations.add(operation.name)
@@ -86,13 +83,35 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
     for job in state.jobs.values():
         if job.done and not job.operations:
             state.expire_job_later(job)
+    # Done operations beyond what memory keeps stay in the store (read back there).
+    state.finished = OrderedDict(sorted(
+        state.finished.items(),
+        key=lambda item: _ended(state.operations[item[0]])))
+    state.retire(state.settings.completed_in_memory)
     if stored.jobs or stored.sessions:
         log.info("instance %r: restored %d jobs (%d queued), %d operations, %d bot sessions",
                  state.instance, len(state.jobs), len(state.queue), len(state.operations),
                  len(state.sessions))
 
 
-def _job(state: EmbeddedState, row: Row) -> JobRecord:
+def _ended(operation: OperationRecord) -> float:
+    return timers.operation_ended(created_at=operation.created_at,
+                                  own_end=operation.own_response is not None,
+                                  job_completed_at=operation.job.completed_at) or 0.0
+
+
+def operation_from_row(state: EmbeddedState, row: Row, job: JobRecord) -> OperationRecord:
+    return OperationRecord(name=row["name"], instance=state.instance, job=job,
+                           created_at=row["created_at"], cancelled=bool(row["cancelled"]),
+                           own_response=row["own_response"], owner=row.get("owner") or "")
+
+
+def stored_view(state: EmbeddedState, operation: Row, job: Row) -> Operation:
+    """A done operation that is no longer in memory, as its stored rows show it."""
+    return operation_from_row(state, operation, job_from_row(state, job)).view()
+
+
+def job_from_row(state: EmbeddedState, row: Row) -> JobRecord:
     return JobRecord(
         id=row["id"], instance=state.instance,
         action_digest=Digest(row["action_hash"], row["action_size"]), action=row["action"],

@@ -28,7 +28,7 @@ from buildfleet.digest import Digest
 from buildfleet.errors import NotFound
 from buildfleet.scheduler.embedded.housekeeping import housekeep
 from buildfleet.scheduler.embedded.records import JobRecord, OperationRecord, SessionRecord
-from buildfleet.scheduler.embedded.restore import restore
+from buildfleet.scheduler.embedded.restore import restore, stored_view
 from buildfleet.scheduler.embedded.state import EmbeddedState
 from buildfleet.scheduler.embedded.store import SchedulerStore
 from buildfleet.scheduler.model import (
@@ -54,6 +54,8 @@ from buildfleet.storage.action_cache import ActionCache
 
 log = logging.getLogger(__name__)
 
+STORE_EXPIRY_INTERVAL = 30.0  # seconds between deletions of expired rows in the store
+
 
 class EmbeddedScheduler:
     """Schedules the actions of one instance onto its bots, state in memory."""
@@ -77,6 +79,7 @@ class EmbeddedScheduler:
         self.stats = self.state.stats
         self.observations = self.state.observations
         self.throughput = self.state.throughput
+        self._next_store_expiry = 0.0
         self._housekeeper = Ticker(f"scheduler[{instance!r}] housekeeping",
                                    self.settings.tick, self.housekeep)
 
@@ -124,16 +127,35 @@ class EmbeddedScheduler:
         ownership.check_operation(name, record.owner, caller)
         return record
 
+    async def _stored(self, name: str, caller: Caller | None = None) -> Operation:
+        """A done operation that has left memory (`EmbeddedState.retire`), from the
+        store; NotFound as for one in memory."""
+        rows = await self.store.load_operation(self.instance, name)
+        if rows is None or self.state.operation(name) is not None:
+            raise ownership.no_such_operation(name)
+        operation = stored_view(self.state, *rows)
+        ownership.check_operation(name, operation.owner, caller)
+        return operation
+
     async def get_operation(self, name: str, caller: Caller | None = None) -> Operation:
-        record = self._operation(name, caller)
+        record = self.state.operation(name)
+        if record is None:
+            return await self._stored(name, caller)
+        ownership.check_operation(name, record.owner, caller)
         await self._durable(record)
         return record.view()
 
     async def list_operations(self, caller: Caller | None = None) -> list[Operation]:
-        """Every operation of the instance that `caller` may see."""
+        """Every operation of the instance that `caller` may see: those in memory and
+        the done ones that have left it."""
         await self.store.flush()
-        return [record.view() for record in self.state.operations.values()
-                if ownership.sees(record.owner, caller)]
+        found = [record.view() for record in self.state.operations.values()
+                 if ownership.sees(record.owner, caller)]
+        for operation, job in await self.store.load_done(self.instance):
+            if (operation["name"] not in self.state.operations
+                    and ownership.sees(operation.get("owner") or "", caller)):
+                found.append(stored_view(self.state, operation, job))
+        return found
 
     async def _durable(self, record: OperationRecord) -> None:
         """Wait until the end of a done operation (its result, its cancellation) is stored."""
@@ -152,6 +174,9 @@ class EmbeddedScheduler:
         snapshot is yielded once what it shows is durable.  NotFound when the
         operation is deleted meanwhile.
         """
+        if self.state.operation(operation.name) is None:  # done, and out of memory
+            yield operation_proto(await self._stored(operation.name))
+            return
         record = self._operation(operation.name)
         job: JobRecord = record.job
         notifier = self._jobs.subscribe(job.id)
@@ -176,12 +201,19 @@ class EmbeddedScheduler:
 
     async def cancel_operation(self, name: str, caller: Caller | None = None) -> None:
         """Cancel one operation; the job stops when no operation still wants it."""
+        if self.state.operation(name) is None:
+            await self._stored(name, caller)  # done already: nothing to cancel
+            return
         self.state.cancel_operation(self._operation(name, caller))
         await self.store.flush()
 
     async def delete_operation(self, name: str, caller: Caller | None = None) -> None:
         """Forget an operation (the action itself keeps running for other waiters)."""
-        self.state.delete_operation(self._operation(name, caller))
+        if self.state.operation(name) is None:
+            await self._stored(name, caller)
+            self.store.delete_operation(name)  # its job's row goes with the retention
+        else:
+            self.state.delete_operation(self._operation(name, caller))
         await self.store.flush()
 
     async def queue_length(self) -> int:
@@ -367,6 +399,14 @@ class EmbeddedScheduler:
 
     # ------------------------------------------------------------- housekeeping
     async def housekeep(self) -> None:
-        """One housekeeping pass, its changes committed."""
+        """One housekeeping pass, its changes committed: the timers, then done
+        operations beyond what memory keeps leave it, and now and then the store
+        forgets those that have outlived the retention."""
         housekeep(self.state)
+        self.state.retire(self.settings.completed_in_memory)
+        now = self.state.clock()
+        if now >= self._next_store_expiry:
+            self._next_store_expiry = now + STORE_EXPIRY_INTERVAL
+            self.store.expire_done(self.instance,
+                                   timers.retention_cutoff(self.state.wall(), self.settings))
         await self.store.flush()

@@ -9,7 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from buildfleet.scheduler.embedded.store import TABLES, Row, SchedulerStore, StoredState
+from buildfleet.scheduler.embedded.store import (
+    COMPLETED,
+    EXPIRE_JOBS,
+    EXPIRE_OPERATIONS,
+    TABLES,
+    Row,
+    SchedulerStore,
+    StoredState,
+)
 
 _SCHEMA = [
     # version 1
@@ -48,6 +56,11 @@ _SCHEMA = [
         id TEXT PRIMARY KEY, instance TEXT NOT NULL, pattern TEXT NOT NULL,
         created_at REAL NOT NULL
     );
+    """,
+    # version 4: done operations are read back and expired here (store.expire_done)
+    """
+    CREATE INDEX jobs_done ON jobs (instance, completed_at) WHERE stage = 4;
+    CREATE INDEX operations_job ON operations (job_id);
     """,
 ]
 
@@ -103,6 +116,52 @@ class SqliteSchedulerStore(SchedulerStore):
 
     async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
         await self._run(self._write_sync, upserts, deletes)
+
+    async def _load_operation(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        return await self._run(self._load_operation_sync, instance, name)  # type: ignore[no-any-return]
+
+    def _load_operation_sync(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        assert self._db is not None
+        operation = self._db.execute("SELECT * FROM operations WHERE name = ? AND instance = ?",
+                                     (name, instance)).fetchone()
+        if operation is None:
+            return None
+        job = self._db.execute("SELECT * FROM jobs WHERE id = ?",
+                               (operation["job_id"],)).fetchone()
+        return None if job is None else (dict(operation), dict(job))
+
+    async def _load_done(self, instance: str) -> list[tuple[Row, Row]]:
+        return await self._run(self._load_done_sync, instance)  # type: ignore[no-any-return]
+
+    def _load_done_sync(self, instance: str) -> list[tuple[Row, Row]]:
+        assert self._db is not None
+        jobs = {row["id"]: dict(row) for row in self._db.execute(
+            "SELECT * FROM jobs WHERE instance = ? AND stage = ?", (instance, COMPLETED))}
+        found = []
+        for row in self._db.execute("SELECT * FROM operations WHERE instance = ?", (instance,)):
+            job = jobs.get(row["job_id"])
+            if job is not None or row["own_response"] is not None:
+                job = job or self._db.execute("SELECT * FROM jobs WHERE id = ?",
+                                              (row["job_id"],)).fetchone()
+                if job is not None:
+                    found.append((dict(row), dict(job)))
+        return found
+
+    async def _expire(self, instance: str, cutoff: float) -> None:
+        await self._run(self._expire_sync, instance, cutoff)
+
+    def _expire_sync(self, instance: str, cutoff: float) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            db.execute(EXPIRE_OPERATIONS.replace("%s", "?"),
+                       (instance, cutoff, instance, COMPLETED, cutoff))
+            db.execute(EXPIRE_JOBS.replace("%s", "?"), (instance, COMPLETED, cutoff))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _write_sync(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
         db = self._db

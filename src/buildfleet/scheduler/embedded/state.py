@@ -84,6 +84,9 @@ class EmbeddedState:
         # (ended at, OPERATION, name) for done operations, (completed at, JOB, id) for
         # done jobs no operation refers to.  Re-checked when due; stale ones cost a pop.
         self.expiry: list[tuple[float, int, str]] = []
+        # Done operations in memory, in the order they ended: `retire` lets the oldest
+        # go once there are more than the settings keep (the store still has them).
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self.stats: Counter[str] = Counter()
         self.observations = Observations()
         self.throughput = Throughput()
@@ -205,6 +208,7 @@ class EmbeddedState:
     def delete_operation(self, operation: OperationRecord) -> None:
         """Forget an operation (the action itself keeps running for other waiters)."""
         del self.operations[operation.name]
+        self.finished.pop(operation.name, None)
         operation.deleted = True
         job = operation.job
         job.operations.discard(operation.name)
@@ -480,6 +484,39 @@ class EmbeddedState:
                                        job_completed_at=operation.job.completed_at)
         if ended is not None:
             heapq.heappush(self.expiry, (ended, OPERATION, operation.name))
+            self.finished[operation.name] = None
+
+    def retire(self, keep: int) -> int:
+        """Let done operations beyond the newest `keep` leave memory, once what they
+        show is durable (the scheduler reads them back from the store), with their
+        jobs when no operation in memory is left on them.  How many left."""
+        retired = 0
+        while len(self.finished) > keep:
+            name = next(iter(self.finished))
+            operation = self.operations.get(name)
+            if operation is not None and operation.done:
+                job = operation.job
+                if name in self.done_marks or job.id in self.done_marks:
+                    break  # not durable yet: the next pass
+                del self.operations[name]
+                job.operations.discard(name)
+                if job.done and not job.operations and self.recent.get(job.action_digest) \
+                        is not job:
+                    self.jobs.pop(job.id, None)
+                retired += 1
+            del self.finished[name]
+        if retired and len(self.expiry) > 2 * (len(self.finished) + keep) + 1024:
+            self._rebuild_expiry()
+        return retired
+
+    def _rebuild_expiry(self) -> None:
+        """The retention heap without the entries of operations that left memory."""
+        entries: list[tuple[float, int, str]] = []
+        for ended, kind, key in self.expiry:
+            if kind == JOB and key in self.jobs or kind == OPERATION and key in self.operations:
+                entries.append((ended, kind, key))
+        heapq.heapify(entries)
+        self.expiry = entries
 
     def expire_job_later(self, job: JobRecord) -> None:
         """Note a job that just finished: it is forgotten with its operations, or by

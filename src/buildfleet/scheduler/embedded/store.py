@@ -13,6 +13,12 @@ along, and a flush with nothing new to write costs one comparison.
 synchronous=FULL), `PostgresSchedulerStore` (embedded/postgres.py) the same rows
 in PostgreSQL for one server; `MemorySchedulerStore` keeps nothing and serves
 tests and throwaway grids.
+
+Done operations need not stay in the scheduler's memory for their whole retention:
+the scheduler keeps the most recent ones and reads older ones back from here
+(`load_operation`, `load_done`); `expire_done` deletes the rows of operations, and
+of jobs left without one, that ended before a cutoff (run by the writer, between
+batches, so it never races a batch).
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from typing import Any
 
 from buildfleet.errors import Unavailable
 from buildfleet.scheduler.embedded.records import JobRecord, OperationRecord, SessionRecord
+from buildfleet.scheduler.model import Stage
 from buildfleet.scheduler.rules.drains import Drain
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+COMPLETED = int(Stage.COMPLETED)
 
 # Errors a row raises however often it is written (a value SQLite cannot hold, a
 # type it does not take), unlike a full disk or a locked database, which pass.
@@ -131,6 +139,7 @@ class SchedulerStore(abc.ABC):
         self.commits = 0
         self.queued = 0  # changes handed to the store so far (a cheap change marker)
         self.durable = 0  # the value `queued` had when the last committed batch was taken
+        self._expiries: dict[str, float] = {}  # instance -> cutoff (see expire_done)
 
     # -- what the scheduler calls -------------------------------------------
     def save_job(self, job: JobRecord) -> None:
@@ -184,6 +193,28 @@ class SchedulerStore(abc.ABC):
         self._wake.set()
         await future
 
+    # -- done operations that left the scheduler's memory ------------------
+    async def load_operation(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        """The stored rows (operation, its job) of operation `name`, or None; a
+        deletion still queued counts as done."""
+        if self._pending.get(("operations", name), "") is None:
+            return None
+        return await self._load_operation(instance, name)
+
+    async def load_done(self, instance: str) -> list[tuple[Row, Row]]:
+        """The stored rows (operation, its job) of every done operation of `instance`
+        whose deletion is not queued."""
+        return [(operation, job) for operation, job in await self._load_done(instance)
+                if self._pending.get(("operations", operation["name"]), "") is not None]
+
+    def expire_done(self, instance: str, cutoff: float) -> None:
+        """Have the writer delete, after its current batch, the rows of `instance`'s
+        operations that ended before `cutoff` (a cancelled one when it was created, any
+        other when its job completed) and of the done jobs then left without one."""
+        self._expiries[instance] = cutoff
+        if self._wake is not None:
+            self._wake.set()
+
     async def start(self) -> None:
         """Open the backend and start the writer (once; later calls do nothing)."""
         if self._writer is not None:
@@ -218,6 +249,19 @@ class SchedulerStore(abc.ABC):
     async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
         """Apply one batch atomically."""
 
+    @abc.abstractmethod
+    async def _load_operation(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        """The rows of one operation and its job."""
+
+    @abc.abstractmethod
+    async def _load_done(self, instance: str) -> list[tuple[Row, Row]]:
+        """The rows of every done operation (cancelled, or of a completed job) with its
+        job's."""
+
+    @abc.abstractmethod
+    async def _expire(self, instance: str, cutoff: float) -> None:
+        """Delete what `expire_done` describes, atomically."""
+
     # -- group commit ---------------------------------------------------------
     def _queue(self, table: str, key: str, item: Any) -> None:
         # The writer is woken by flush(), not here: changes nobody waits for yet
@@ -231,6 +275,7 @@ class SchedulerStore(abc.ABC):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            await self._run_expiries()
             if not self._pending:
                 self._release(self.durable)
                 continue
@@ -265,6 +310,15 @@ class SchedulerStore(abc.ABC):
             self._release(self.durable)
             if self._pending or self._waiters:
                 self._wake.set()
+
+    async def _run_expiries(self) -> None:
+        expiries, self._expiries = self._expiries, {}
+        for instance, cutoff in expiries.items():
+            try:
+                await self._expire(instance, cutoff)
+            except Exception as error:  # the next housekeeping pass asks again
+                log.warning("scheduler store: could not delete old operations of "
+                            "instance %r: %s", instance, error)
 
     async def _write_row_by_row(self, upserts: dict[str, list[Row]],
                                 deletes: dict[str, list[str]], error: Exception) -> None:
@@ -320,3 +374,49 @@ class MemorySchedulerStore(SchedulerStore):
         for table, keys in deletes.items():
             for key in keys:
                 self.tables[table].pop(key, None)
+
+    async def _load_operation(self, instance: str, name: str) -> tuple[Row, Row] | None:
+        operation = self.tables["operations"].get(name)
+        if operation is None or operation["instance"] != instance:
+            return None
+        job = self.tables["jobs"].get(operation["job_id"])
+        return None if job is None else (operation, job)
+
+    async def _load_done(self, instance: str) -> list[tuple[Row, Row]]:
+        found = []
+        for operation in self.tables["operations"].values():
+            job = self.tables["jobs"].get(operation["job_id"])
+            if (operation["instance"] == instance and job is not None
+                    and (operation["own_response"] is not None or job["stage"] == COMPLETED)):
+                found.append((operation, job))
+        return found
+
+    async def _expire(self, instance: str, cutoff: float) -> None:
+        operations, jobs = self.tables["operations"], self.tables["jobs"]
+        for name, operation in list(operations.items()):
+            job = jobs.get(operation["job_id"])
+            if operation["instance"] == instance and ended_before(operation, job, cutoff):
+                del operations[name]
+        referenced = {operation["job_id"] for operation in operations.values()}
+        for job_id, job in list(jobs.items()):
+            if (job["instance"] == instance and job["stage"] == COMPLETED
+                    and (job["completed_at"] or 0) < cutoff and job_id not in referenced):
+                del jobs[job_id]
+
+
+# What expire_done deletes (placeholders %s; SQLite's are put in by replacing them).
+EXPIRE_OPERATIONS = """
+    DELETE FROM operations WHERE instance = %s AND (
+        (own_response IS NOT NULL AND created_at < %s)
+        OR (own_response IS NULL AND job_id IN (
+            SELECT id FROM jobs WHERE instance = %s AND stage = %s AND completed_at < %s)))"""
+EXPIRE_JOBS = """
+    DELETE FROM jobs WHERE instance = %s AND stage = %s AND completed_at < %s
+        AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.job_id = jobs.id)"""
+
+
+def ended_before(operation: Row, job: Row | None, cutoff: float) -> bool:
+    """rules.timers.operation_ended on rows: whether the operation ended before `cutoff`."""
+    if operation["own_response"] is not None:
+        return bool(operation["created_at"] < cutoff)
+    return job is not None and job["stage"] == COMPLETED and (job["completed_at"] or 0) < cutoff
