@@ -223,3 +223,19 @@ async def test_state_survives_a_restart(harness: Harness) -> None:
     assert [item.action_digest for item in leases] == [action(31)[0]]
     assert (await second.get_operation(running.name)).done
     assert second.connected_bots() == 1
+
+
+async def test_listing_only_the_operations_still_running(scheduler: SchedulerAPI) -> None:
+    """What the fleet's views ask for (a bot's running operations, the queued ones):
+    the done ones are left out without being read."""
+    finished_digest, finished_message = action(41)
+    finished = await scheduler.submit(finished_digest, finished_message, LINUX)
+    bot = Bot(scheduler, "bot")
+    await bot.register()
+    await run_one(bot)
+    queued_digest, queued_message = action(42)
+    queued = await scheduler.submit(queued_digest, queued_message, LINUX)
+    everything = {op.name for op in await scheduler.list_operations()}
+    assert everything == {finished.name, queued.name}
+    running = await scheduler.list_operations(running_only=True)
+    assert [op.name for op in running] == [queued.name] and not running[0].done

@@ -145,12 +145,16 @@ class EmbeddedScheduler:
         await self._durable(record)
         return record.view()
 
-    async def list_operations(self, caller: Caller | None = None) -> list[Operation]:
+    async def list_operations(self, caller: Caller | None = None, *,
+                              running_only: bool = False) -> list[Operation]:
         """Every operation of the instance that `caller` may see: those in memory and
-        the done ones that have left it."""
+        the done ones that have left it (with `running_only`, those not done yet)."""
         await self.store.flush()
         found = [record.view() for record in self.state.operations.values()
-                 if ownership.sees(record.owner, caller)]
+                 if ownership.sees(record.owner, caller)
+                 and not (running_only and record.done)]
+        if running_only:
+            return found
         for operation, job in await self.store.load_done(self.instance):
             if (operation["name"] not in self.state.operations
                     and ownership.sees(operation.get("owner") or "", caller)):

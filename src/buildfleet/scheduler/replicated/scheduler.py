@@ -318,12 +318,16 @@ class ReplicatedScheduler:
                 (name, self.instance))
         return None if row is None else operation_view(row)
 
-    async def list_operations(self, caller: Caller | None = None) -> list[Operation]:
-        """Every operation of the instance, grid-wide, that `caller` may see."""
+    async def list_operations(self, caller: Caller | None = None, *,
+                              running_only: bool = False) -> list[Operation]:
+        """Every operation of the instance, grid-wide, that `caller` may see (with
+        `running_only`, those not done yet)."""
         everyone = caller is None or caller.admin
+        running = (f" AND o.own_response IS NULL AND j.stage <> {COMPLETED}"
+                   if running_only else "")
         async with self.db.connection() as conn:
             rows = await Tx(conn, Effects(), self.instance, self.settings).rows(
-                f"{OPERATION_QUERY} WHERE o.instance = %s AND (%s OR o.owner = %s)",
+                f"{OPERATION_QUERY} WHERE o.instance = %s AND (%s OR o.owner = %s){running}",
                 (self.instance, everyone, "" if caller is None else caller.name))
         return [operation_view(row) for row in rows]
 

@@ -80,7 +80,8 @@ class AdminService:
         caller = principal.caller_on(request.instance_name)
         bot.running_operations.extend(
             self._summary(op) for op in sorted(
-                await scheduler.list_operations(caller), key=lambda op: op.created_at)
+                await scheduler.list_operations(caller, running_only=True),
+                key=lambda op: op.created_at)
             if op.worker == session.bot_id and op.stage == Stage.EXECUTING)
         for event in (await scheduler.bot_events(session.bot_id))[-EVENTS_SHOWN:]:
             shown = bot.events.add(type=event.type, message=event.message)
@@ -176,7 +177,9 @@ class AdminService:
             raise InvalidArgument(f"stage {request.stage!r}: use QUEUED, EXECUTING or "
                                   "COMPLETED")
         caller = principal.caller_on(request.instance_name)
-        selected = [op for op in await scheduler.list_operations(caller)
+        running_only = stage in ("QUEUED", "EXECUTING")
+        selected = [op for op in await scheduler.list_operations(caller,
+                                                                running_only=running_only)
                     if (not stage or op.stage.name == stage)
                     and (not request.bot_id or op.worker == request.bot_id)
                     and (not request.action_hash or op.action_digest.hash == request.action_hash)
