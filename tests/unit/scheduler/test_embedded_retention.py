@@ -6,6 +6,8 @@ when the retention ends.  On SQLite and on PostgreSQL (single-server)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from botkit import wait_for
 from pgkit import StoreBackend
@@ -15,7 +17,8 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet.config import SchedulerConfig
 from buildfleet.digest import Digest
 from buildfleet.errors import NotFound
-from buildfleet.scheduler.embedded import EmbeddedScheduler
+from buildfleet.scheduler.embedded import EmbeddedScheduler, MemorySchedulerStore
+from buildfleet.scheduler.embedded.store import Row
 from buildfleet.scheduler.model import BotStatus, Operation, Stage
 from buildfleet.scheduler.rules.ownership import Caller
 from buildfleet.scheduler.rules.timers import JUST_FINISHED
@@ -153,3 +156,41 @@ async def test_memory_stays_bounded_however_many_operations_are_retained(
     finally:
         await scheduler.close()
         await scheduler.store.close()
+
+
+class GatedStore(MemorySchedulerStore):
+    """A store whose writes wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def _write(self, upserts: dict[str, list[Row]], deletes: dict[str, list[str]]) -> None:
+        await self.gate.wait()
+        await super()._write(upserts, deletes)
+
+
+async def test_an_operation_leaves_memory_only_once_it_is_stored() -> None:
+    store = GatedStore()
+    await store.start()
+    scheduler = EmbeddedScheduler("", store, settings=SchedulerConfig(completed_in_memory=0))
+    await scheduler.start()
+    try:
+        store.gate.clear()
+        action = re_pb2.Action(salt=b"cached")
+        answering = asyncio.create_task(scheduler.record_cache_hit(
+            Digest.of(action.SerializeToString()), re_pb2.ActionResult(exit_code=5)))
+        await wait_for(lambda: scheduler.state.finished, 5, "the cache hit done in memory")
+        (name,) = scheduler.state.finished
+        assert scheduler.state.retire(0) == 0  # not stored yet: it stays
+        assert name in scheduler.state.operations
+        store.gate.set()
+        operation = await answering
+        assert scheduler.state.retire(0) == 1
+        assert name not in scheduler.state.operations
+        assert exit_code(await scheduler.get_operation(operation.name)) == 5
+    finally:
+        store.gate.set()
+        await scheduler.close()
+        await store.close()

@@ -176,6 +176,7 @@ class EmbeddedState:
         job.operations.add(name)
         self.store.save_operation(operation)
         if job.done:  # a cache hit, or a job that just succeeded: done from the start
+            self.done_marks[name] = self.store.queued  # (it stays in memory until stored)
             self.expire_later(operation)
         return operation
 
@@ -496,7 +497,8 @@ class EmbeddedState:
             operation = self.operations.get(name)
             if operation is not None and operation.done:
                 job = operation.job
-                if name in self.done_marks or job.id in self.done_marks:
+                marks = self.done_marks
+                if max(marks.get(name, 0), marks.get(job.id, 0)) > self.store.durable:
                     break  # not durable yet: the next pass
                 del self.operations[name]
                 job.operations.discard(name)
