@@ -19,13 +19,15 @@ from webkit import PAGE_HEADER, Visitor, page_url, web_config
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 from buildfleet.config import ConfigError, parse_config
 from buildfleet.server.app import check_exposure
+from buildfleet.server.web import pages
 
 BOTH_SCHEDULERS = True  # the page's figures come from each strategy's views
 
 FRAGMENT = {"X-Buildfleet-Fragment": "1"}
 
 
-async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path) -> None:
+async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     server = await start_server(web_config())
     visitor = Visitor(page_url(server, ""))
     try:
@@ -65,6 +67,11 @@ async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path) -> Non
         assert 'data-action="drain" data-instance="" data-pattern="runner-1"' in html
         status, html, _ = await visitor.get("/bots?q=idle-*")
         assert 'data-bot="idle-1"' in html and 'data-bot="runner-1"' not in html
+        # a large fleet: the page lists a bounded number and says how many there are
+        monkeypatch.setattr(pages, "BOTS_SHOWN", 1)
+        status, html, _ = await visitor.get("/bots")
+        assert html.count("<tr data-bot=") == 1 and "1 of 2 bots shown" in html
+        monkeypatch.undo()
         status, html, _ = await visitor.get("/bot?id=runner-1")
         assert status == 200 and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
         assert "<script>alert" not in html

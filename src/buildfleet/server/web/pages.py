@@ -43,6 +43,7 @@ COOKIE = "buildfleet_token"
 FRAGMENT_HEADER = "X-Buildfleet-Fragment"  # asks for a page's live part only
 REQUEST_HEADER = "X-Buildfleet-Request"  # every change the page sends carries it
 PAGE_SIZE = 50
+BOTS_SHOWN = 500  # bots listed on the bots page at most (the filter finds the others)
 BLOB_SHOWN = 8 * 1024 * 1024  # the largest stdout/stderr blob the page shows
 STATUSES = ("OK", "UNHEALTHY", "HOST_REBOOTING", "BOT_TERMINATING", "INITIALIZING")
 
@@ -309,7 +310,8 @@ class Pages:
             for bot_id in drain.bot_ids:
                 drained_by.setdefault(bot_id, []).append(drain.pattern)
         return self.render(request, "bots.html", title="Bots", q=pattern,
-                           bots=list(bots.bots), drains=list(drains.drains),
+                           bots=list(bots.bots[:BOTS_SHOWN]), total=len(bots.bots),
+                           drains=list(drains.drains),
                            drained_by=drained_by, admin=self.may_admin(request, instance))
 
     async def bot(self, request: web.Request) -> web.Response:
