@@ -47,6 +47,13 @@ def check_instance_name(name: str) -> None:
 _LISTEN = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):(?P<port>\d{1,5})")
 
 
+def shown_host(host: str) -> str:
+    """A listen host as a URL names it: a wildcard address becomes this machine's
+    loopback, an IPv6 address gets brackets."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
+
+
 def parse_listen_address(address: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 hosts in brackets); ValueError when malformed."""
     match = _LISTEN.fullmatch(address)

@@ -16,6 +16,7 @@ from buildfleet.auth.audit import Audit
 from buildfleet.auth.authenticator import Authenticator
 from buildfleet.auth.tls import RotatingCredentials
 from buildfleet.config import ConfigError, ServerConfig, parse_listen_address
+from buildfleet.config.base import shown_host
 from buildfleet.server.actioncache.service import ActionCacheService
 from buildfleet.server.admin.service import AdminService
 from buildfleet.server.auth import AuthInterceptor
@@ -163,10 +164,7 @@ class BuildfleetServer:
         if self.metrics_endpoint is None:
             return None
         host, _ = self.metrics_endpoint.address
-        shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
-        if ":" in shown and not shown.startswith("["):
-            shown = f"[{shown}]"
-        return f"http://{shown}:{self.metrics_endpoint.port}/metrics"
+        return f"http://{shown_host(host)}:{self.metrics_endpoint.port}/metrics"
 
     def web_url(self) -> str | None:
         """The fleet's web page (None: it is off)."""

@@ -41,7 +41,6 @@ class StoreFactory:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.data_dir = Path(config.data_dir)
         self.roots: list[BlobStore] = []  # what the server starts and closes
         self._named: dict[str, BlobStore] = {}
 
@@ -64,15 +63,15 @@ class StoreFactory:
 
     def _create(self, ref: StorageRef) -> BlobStore:
         if isinstance(ref, DiskStorage):
-            return self._bounded(DiskStore(self._path(ref.path), fsync=ref.fsync), ref)
+            return self._bounded(DiskStore(self.config.data_path(ref.path), fsync=ref.fsync), ref)
         if isinstance(ref, PackedStorage):
-            path = self._path(ref.path)
+            path = self.config.data_path(ref.path)
             store: BlobStore = PackedStore(path, fsync=ref.fsync)
             marker = path.with_name(path.name + ".moved")
             if (ref.migrate_from is not None and not marker.exists()
-                    and (self._path(ref.migrate_from) / "blobs").is_dir()):
+                    and (self.config.data_path(ref.migrate_from) / "blobs").is_dir()):
                 limit = ref.migrate_max_blob_size
-                store = MigratingStore(store, DiskStore(self._path(ref.migrate_from)),
+                store = MigratingStore(store, DiskStore(self.config.data_path(ref.migrate_from)),
                                        max_blob_size=None if limit is None else int(limit),
                                        done_marker=marker)
             return self._bounded(store, ref)
@@ -92,10 +91,6 @@ class StoreFactory:
         if isinstance(ref, ReadCacheStorage):
             return ReadCachingStore(self._part(ref.backend), self._part(ref.cache))
         raise TypeError(f"unknown storage {ref!r}")  # pragma: no cover - config admits no other
-
-    def _path(self, path: str) -> Path:
-        resolved = Path(path)
-        return resolved if resolved.is_absolute() else self.data_dir / resolved
 
     def _credentials(self, ref: RemoteStorage) -> ClientCredentials | None:
         if not ref.secure and ref.token_file is None:

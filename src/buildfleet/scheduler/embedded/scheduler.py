@@ -131,7 +131,7 @@ class EmbeddedScheduler:
         """A done operation that has left memory (`EmbeddedState.retire`), from the
         store; NotFound as for one in memory."""
         rows = await self.store.load_operation(self.instance, name)
-        if rows is None or self.state.operation(name) is not None:
+        if rows is None:
             raise ownership.no_such_operation(name)
         operation = stored_view(self.state, *rows)
         ownership.check_operation(name, operation.owner, caller)

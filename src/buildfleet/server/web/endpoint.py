@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from buildfleet.config.base import ConfigError
+from buildfleet.config.base import ConfigError, shown_host
 from buildfleet.config.security import TlsConfig
 from buildfleet.server.web.pages import Pages
 
@@ -65,8 +65,4 @@ class WebEndpoint:
 
     @property
     def url(self) -> str:
-        shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(self.host,
-                                                                             self.host)
-        if ":" in shown and not shown.startswith("["):
-            shown = f"[{shown}]"
-        return f"{'https' if self.tls else 'http'}://{shown}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{shown_host(self.host)}:{self.port}/"

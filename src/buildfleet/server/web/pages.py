@@ -32,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
+from buildfleet.auth.principal import Principal
 from buildfleet.config.security import Role
 from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError
@@ -156,6 +157,9 @@ def chart(finished: Iterable[admin_pb2.FinishedSlot], width: int = 600, height: 
 
 # ----------------------------------------------------------------------- pages
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a request learns once about its visitor (see Pages.credentials, _visitor).
+CREDENTIALS = web.RequestKey("credentials", Credentials)
+VISITOR: web.RequestKey[Principal | None] = web.RequestKey("visitor")
 
 
 class Pages:
@@ -181,6 +185,14 @@ class Pages:
     # ------------------------------------------------------------- plumbing
     @staticmethod
     def credentials(request: web.Request) -> Credentials:
+        """The visitor's credentials (read once per request)."""
+        known = request.get(CREDENTIALS)
+        if known is None:
+            known = request[CREDENTIALS] = Pages._read_credentials(request)
+        return known
+
+    @staticmethod
+    def _read_credentials(request: web.Request) -> Credentials:
         der = None
         transport = request.transport
         ssl_object = None if transport is None else transport.get_extra_info("ssl_object")
@@ -242,12 +254,7 @@ class Pages:
     def render(self, request: web.Request, template: str, *, status: int = 200,
                **values: Any) -> web.Response:
         fragment = bool(request.headers.get(FRAGMENT_HEADER))
-        principal = None
-        if self.calls.authenticating:
-            try:
-                principal = self.calls.principal(self.credentials(request))
-            except CallFailed:
-                principal = None
+        principal = self._visitor(request)
         values.setdefault("instance", self._instance(request))
         html = self.templates.get_template(template).render(
             fragment=fragment, path=request.path, instances=self.names,
@@ -261,15 +268,26 @@ class Pages:
             return self.names[0] if self.names else ""
         return name
 
+    def _visitor(self, request: web.Request) -> Principal | None:
+        """Who the visitor is, for what the page shows (authenticated once per
+        request; None when authentication is off or the credentials are not valid)."""
+        if not self.calls.authenticating:
+            return None
+        if VISITOR not in request:
+            visitor: Principal | None
+            try:
+                visitor = self.calls.principal(self.credentials(request))
+            except CallFailed:
+                visitor = None
+            request[VISITOR] = visitor
+        return request[VISITOR]
+
     def may_admin(self, request: web.Request, instance: str) -> bool:
         """Whether to show the visitor buttons that change things (the calls are
         checked again when made)."""
         if not self.calls.authenticating:
             return True
-        try:
-            principal = self.calls.principal(self.credentials(request))
-        except CallFailed:
-            return False
+        principal = self._visitor(request)
         return principal is not None and principal.may(Role.ADMIN, instance)
 
     # ---------------------------------------------------------------- pages
