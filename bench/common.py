@@ -121,11 +121,17 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used so far, from /proc."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU time a process has used so far (its own, not its
+    children's), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, from /proc."""
+    return sum(cpu_split(pid))
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -116,7 +116,8 @@ async def bot_loop(channel: grpc.aio.Channel, instance: str, index: int,
     """A bot that completes every lease at once."""
     stub = bots_pb2_grpc.BotsStub(channel)
     bot_id = f"bench-bot-{os.getpid()}-{index}"
-    session = bots_pb2.BotSession(bot_id=bot_id)
+    # Status OK, as real bots send it (BuildGrid leases to no bot in another status).
+    session = bots_pb2.BotSession(bot_id=bot_id, status=bots_pb2.BotStatus.Value("OK"))
     session.worker.properties.add(key="OSFamily", value="linux")
     session = await stub.CreateBotSession(
         bots_pb2.CreateBotSessionRequest(parent=instance, bot_session=session))
@@ -124,7 +125,9 @@ async def bot_loop(channel: grpc.aio.Channel, instance: str, index: int,
         try:
             session = await stub.UpdateBotSession(
                 bots_pb2.UpdateBotSessionRequest(name=session.name, bot_session=session),
-                timeout=2.0)
+                # long enough that every server long-polls (BuildGrid answers at
+                # once when 80% of the deadline is under 3 s)
+                timeout=10.0)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 continue

@@ -58,6 +58,31 @@ async def test_small_and_large_blobs_round_trip(cas: CasClient, tmp_path: Path) 
     assert all(paths[d].read_bytes() == read[d] for d in read)
 
 
+async def test_a_small_upload_is_sent_without_asking_what_is_missing(
+        cas: CasClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    find_missing = cas.find_missing
+
+    async def counting(digests):  # type: ignore[no-untyped-def]
+        digests = list(digests)
+        asked.append(len(digests))
+        return await find_missing(digests)
+
+    monkeypatch.setattr(cas, "find_missing", counting)
+    small = {Digest.of(blob(i, 100)): blob(i, 100) for i in range(20)}
+    small[Digest.of(b"")] = b""
+    assert await cas.upload(small) == 20  # one BatchUpdateBlobs, no question first
+    assert asked == []
+    assert await cas.read_blobs(list(small)) == small
+    assert await cas.upload(small) == 20  # sent again: cheaper than the round trip
+
+    large = {Digest.of(blob(i, 30 * KiB)): blob(i, 30 * KiB) for i in range(4)}
+    assert await cas.upload(large) == 4  # more than one batch: asks first
+    assert asked == [4]
+    assert await cas.upload(large) == 0
+    assert await cas.read_blobs(list(large)) == large
+
+
 async def test_missing_blobs_are_named(cas: CasClient, tmp_path: Path) -> None:
     present = await cas.upload_blob(b"here")
     absent_small = Digest.of(b"absent")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from google.protobuf.any_pb2 import Any as AnyProto
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 from buildfleet.client.cas import proto_digest
+from buildfleet.worker.session import ACTIVE_REPORT_DELAY
 
 PENDING, ACTIVE, COMPLETED = (bots_pb2.LeaseState.Value(n) for n in
                               ("PENDING", "ACTIVE", "COMPLETED"))
@@ -39,6 +41,7 @@ class FakeBots(bots_pb2_grpc.BotsServicer):
 
     creates: list[bots_pb2.CreateBotSessionRequest] = field(default_factory=list)
     requests: list[bots_pb2.UpdateBotSessionRequest] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # monotonic time of each request
     deadlines: list[float | None] = field(default_factory=list)
     sent_versions: set[str] = field(default_factory=set)
     sessions: set[str] = field(default_factory=set)
@@ -82,6 +85,7 @@ class FakeBots(bots_pb2_grpc.BotsServicer):
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             self.requests.append(request)
+            self.arrived.append(time.monotonic())
             self.deadlines.append(context.time_remaining())
             if request.name not in self.sessions:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -172,14 +176,22 @@ async def test_bot_follows_the_buildgrid_conventions(start_server: Any, tmp_path
                    for r in bots.requests[mark + 1:])
 
         # 2. ACTIVE with Any(Action): COMPLETED re-sent until the server leaves it out.
+        #    A bot at its capacity does not echo ACTIVE at once: the action has a
+        #    moment to finish, and then its first report is the result.
         action = re_pb2.Action()
         action.ParseFromString(await remote.cas.read_blob(
             await remote.action("sh", "-c", "echo contract")))
         second = lease_with(action, ACTIVE)
         bots.hold_completed[second.id] = 2
+        offered = time.monotonic()
         bots.offer(second)
         await wait_for(lambda: second.id in bots.results, "the result to be accepted")
         assert len(bots.reported(second.id, COMPLETED)) == 3
+        echoed = [when for when, r in zip(bots.arrived, bots.requests, strict=True)
+                  if any(lease.id == second.id and lease.state == ACTIVE
+                         for lease in r.bot_session.leases)]
+        assert all(when - offered >= ACTIVE_REPORT_DELAY * 0.9 for when in echoed), (
+            [when - offered for when in echoed])
         accepted = bots.results[second.id]
         assert accepted.status.code == 0
         result = re_pb2.ActionResult()

@@ -4,8 +4,10 @@
 endpoint over a grpc.aio channel:
 
 - `find_missing` asks FindMissingBlobs in batches of at most `FIND_BATCH` digests;
-- `upload` stores blobs given as bytes or as local files: FindMissingBlobs first,
-  then BatchUpdateBlobs for the blobs that fit in the server's
+- `upload` stores blobs given as bytes or as local files: FindMissingBlobs first
+  (skipped when all of them, at most `SEND_WITHOUT_ASKING` bytes, fit in one
+  batch: sending them again costs less than the extra round trip), then
+  BatchUpdateBlobs for the blobs that fit in the server's
   `max_batch_total_size_bytes` (from GetCapabilities), ByteStream Write
   (``{instance}/uploads/{uuid}/blobs/{hash}/{size}``) for the larger ones;
 - `read_blobs` / `download` fetch many blobs concurrently (at most
@@ -56,6 +58,9 @@ BATCH_OVERHEAD = 256  # bytes of framing counted per blob in a batch (digest, st
 BATCH_MARGIN = 16 * 1024  # room left in a batch for the rest of the message
 FIND_BATCH = 10_000  # digests per FindMissingBlobs call
 MAX_BATCH_BLOBS = 2_000  # blobs per BatchReadBlobs / BatchUpdateBlobs call
+# An upload of at most this many bytes that fits in one batch is sent without
+# asking FindMissingBlobs first (the bot's outputs, mostly).
+SEND_WITHOUT_ASKING = 1 * MiB
 CHUNK_SIZE = MiB  # bytes per ByteStream WriteRequest
 HASH_CHUNK = MiB
 DEFAULT_CONCURRENCY = 16
@@ -279,10 +284,12 @@ class CasClient:
         """
         if not blobs:
             return 0
-        wanted = set(blobs)
-        if check_missing:
-            wanted = await self.find_missing(blobs)
+        wanted = {d for d in blobs if d.size_bytes}  # the empty blob is always there
         fits = await self._fits_batch()
+        total = sum(d.size_bytes + BATCH_OVERHEAD for d in blobs)
+        if check_missing and not (total <= min(SEND_WITHOUT_ASKING, fits)
+                                  and len(blobs) <= MAX_BATCH_BLOBS):
+            wanted = await self.find_missing(blobs)
         small = [d for d in blobs if d in wanted and d.size_bytes <= fits]
         large = [d for d in blobs if d in wanted and d.size_bytes > fits]
         limit = await self.batch_limit()

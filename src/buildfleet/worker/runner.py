@@ -17,7 +17,9 @@ group (a new session), with only the Command's environment variables, stdin
 from /dev/null and stdout/stderr in files next to the root.  On timeout or
 cancellation the whole group is killed with SIGKILL; after a normal exit the
 group is killed too, so that no stray background process outlives its action.
-The directory is removed afterwards.
+The directory is removed afterwards, in the background while the outcome is
+reported (`Runner.settle` waits for the removals).  The Command is read and
+the input tree fetched at the same time.
 """
 
 from __future__ import annotations
@@ -211,6 +213,23 @@ class Runner:
         self.config = config
         self.process_groups: set[int] = set()  # running commands, for an abrupt stop
         self.completed = 0
+        # directories of finished actions being removed: after the report, not before
+        self._removals: set[asyncio.Future[None]] = set()
+
+    def _remove_later(self, path: Path) -> None:
+        future = asyncio.get_running_loop().run_in_executor(None, remove_tree, path)
+        self._removals.add(future)
+        future.add_done_callback(self._removed)
+
+    def _removed(self, future: asyncio.Future[None]) -> None:
+        self._removals.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("could not remove an action's directory: %s", future.exception())
+
+    async def settle(self) -> None:
+        """Wait until the directories of finished actions are removed."""
+        while self._removals:
+            await asyncio.gather(*list(self._removals), return_exceptions=True)
 
     async def _spawn(self, command: re_pb2.Command, root: Path, working: Path,
                      environment: dict[str, str], network: bool, limits: Limits,
@@ -401,12 +420,10 @@ class Runner:
         raise InvalidArgument(f"lease payload of type {payload.type_url!r} is neither an "
                               "Action nor a Digest")
 
-    async def _run_action(self, action: re_pb2.Action, action_digest: Digest,
-                          metadata: re_pb2.ExecutedActionMetadata,
-                          summary: dict[str, float | int | str]) -> LeaseOutcome:
-        fetch_started = _stamp(metadata.input_fetch_start_timestamp)
-        command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
-        root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
+    async def _read_command(self, action: re_pb2.Action, command_digest: Digest
+                            ) -> tuple[re_pb2.Command, Outputs, bool, Limits, float]:
+        """The action's Command, checked: its outputs, whether it gets the network,
+        its limits and its timeout."""
         try:
             command = await self._retry(
                 lambda: self.cas.read_message(command_digest, re_pb2.Command, "command"),
@@ -428,8 +445,28 @@ class Runner:
                 raise InvalidArgument(f"action timeout {timeout}s is negative")
         else:
             timeout = self.config.default_timeout
-        directories = await self._retry(lambda: self.cas.get_tree(root_digest),
-                                        "fetching the input tree")
+        return command, outputs, network, limits, timeout
+
+    async def _run_action(self, action: re_pb2.Action, action_digest: Digest,
+                          metadata: re_pb2.ExecutedActionMetadata,
+                          summary: dict[str, float | int | str]) -> LeaseOutcome:
+        fetch_started = _stamp(metadata.input_fetch_start_timestamp)
+        command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
+        root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
+        # The input tree is fetched while the command is read and checked.
+        fetching_tree = asyncio.ensure_future(self._retry(
+            lambda: self.cas.get_tree(root_digest), "fetching the input tree"))
+        try:
+            command, outputs, network, limits, timeout = await self._read_command(
+                action, command_digest)
+            directories = await fetching_tree
+        finally:
+            if not fetching_tree.done():
+                fetching_tree.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fetching_tree
+            elif not fetching_tree.cancelled():
+                fetching_tree.exception()  # retrieved: the command's error is the one raised
         tree = flatten_tree(root_digest, directories,
                             allow_outside_symlinks=self.config.allow_outside_symlinks)
         fetch = await self._retry(lambda: self.cache.ensure(tree.file_keys(), self.cas),
@@ -449,7 +486,7 @@ class Runner:
             return await self._execute(command, outputs, timeout, action_dir, root, working,
                                        network, limits, metadata, summary)
         finally:
-            await in_thread(remove_tree, action_dir)
+            self._remove_later(action_dir)  # the outcome is reported meanwhile
 
     async def _execute(self, command: re_pb2.Command, outputs: Outputs, timeout: float,
                        action_dir: Path, root: Path, working: Path, network: bool,

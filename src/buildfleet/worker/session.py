@@ -8,10 +8,13 @@ while a call is waiting, that call is cancelled and a fresh one carries the
 news at once.
 
 Leases are accepted ACTIVE or PENDING (reported ACTIVE from then on), with the
-Action inline or as a Digest.  A finished lease is reported COMPLETED in every
-update until a response no longer lists it (the server's acknowledgement); a
-running lease that a response does not list, or lists as CANCELLED, was
-withdrawn: its command is killed and it is forgotten.
+Action inline or as a Digest.  A bot that has just taken work up to its capacity
+waits up to `ACTIVE_REPORT_DELAY` before its next call (as buildbox-worker does):
+most actions finish sooner, and their first report is then the COMPLETED one,
+which saves one long-poll and its cancellation per action.  A finished lease is
+reported COMPLETED in every update until a response no longer lists it (the
+server's acknowledgement); a running lease that a response does not list, or
+lists as CANCELLED, was withdrawn: its command is killed and it is forgotten.
 
 While the server is unreachable the bot retries with capped, jittered
 exponential backoff, keeping finished results; when the server answers
@@ -66,6 +69,9 @@ PENDING, ACTIVE, COMPLETED, CANCELLED = (bots_pb2.LeaseState.Value(n) for n in
 OK, UNHEALTHY, BOT_TERMINATING = (bots_pb2.BotStatus.Value(n) for n in
                                   ("OK", "UNHEALTHY", "BOT_TERMINATING"))
 RPC_TIMEOUT = 30.0  # seconds for calls other than the long-poll
+# Seconds a bot busy up to its capacity waits before it echoes new leases ACTIVE
+# (sooner if something changes: a lease finishes, the bot is told to stop).
+ACTIVE_REPORT_DELAY = 1.0
 SESSION_LOST = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 FATAL_AT_START = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                   grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
@@ -121,6 +127,7 @@ class Bot:
         self.registrations = 0
         self._signals = 0
         self._wake = asyncio.Event()
+        self._hold_report = False  # new leases fill the bot: report them a little later
         self._slots = asyncio.Semaphore(config.concurrency)
         self._drain_task: asyncio.Task[None] | None = None
         self._give_up_at: float | None = None
@@ -234,6 +241,8 @@ class Bot:
         finally:
             health.cancel()
             await self._stop_leases()
+            if self._runner is not None:
+                await self._runner.settle()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             for channel in self._channels:
@@ -395,6 +404,10 @@ class Bot:
                     self._failed("cannot register", error, delay)
                     await self._pause(delay)
                     continue
+            if self._hold_report:
+                self._hold_report = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), ACTIVE_REPORT_DELAY)
             self._wake.clear()
             request = self._request()
             try:
@@ -487,12 +500,16 @@ class Bot:
         if response.HasField("expire_time"):
             self.session.expire_time.CopyFrom(response.expire_time)
         listed: set[str] = set()
+        started = pending = False
         for lease in response.leases:
             listed.add(lease.id)
             local = self.leases.get(lease.id)
             if lease.state in (PENDING, ACTIVE):
                 if local is None:
                     self._start(lease)
+                    started = True
+                    # one offered PENDING waits for the bot's ACTIVE: no delay then
+                    pending = pending or lease.state == PENDING
             elif local is not None and not local.finished:
                 # CANCELLED (or COMPLETED by someone else): stop working on it.
                 self._withdraw(local, "the server cancelled it")
@@ -503,6 +520,10 @@ class Bot:
                 del self.leases[lease_id]  # acknowledged
             else:
                 self._withdraw(local, "the server no longer lists it")
+        running = sum(not local.finished for local in self.leases.values())
+        self._hold_report = (started and not pending and not self.terminating
+                             and not self.unhealthy
+                             and running >= self.config.concurrency)
 
     def _withdraw(self, local: LocalLease, reason: str) -> None:
         log.info("lease %s withdrawn (%s): stopping it", local.id, reason)
