@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cpu_split, report, spawned_server  # noqa: E402
+from common import add_server_arguments, cpu_split, report, spawned_server  # noqa: E402
 
 DEBIAN_PLATFORMS = Path("/usr/share/bazel/tools/platforms")
 PROCESSES = re.compile(r"INFO: (\d+) processes?: (.*)")
@@ -181,10 +181,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--bots", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--instance", default="")
-    parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
-    parser.add_argument("--server-pid", type=int,
-                        help="with --target: the server's process id, to report its CPU time")
+    add_server_arguments(parser)
     parser.add_argument("--sandbox", default="bwrap", choices=["bwrap", "none"],
                         help="the bots' sandbox")
     parser.add_argument("--offline-rules", choices=["auto", "on", "off"], default="auto",

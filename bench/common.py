@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -111,6 +112,14 @@ def secure_settings(roles: list[str], *, tokens: bool = True
         yield yaml.safe_dump(config), {
             role: Credentials(ca.cert_pem, token if tokens else None)
             for role, token in made.items()}
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """--instance, and --target / --server-pid to measure a server already running."""
+    parser.add_argument("--instance", default="")
+    parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
+    parser.add_argument("--server-pid", type=int,
+                        help="with --target: the server's process id, to report its CPU time")
 
 
 def rss_mib(pid: int) -> float:

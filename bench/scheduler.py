@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grpc  # noqa: E402
 from common import (  # noqa: E402
     Credentials,
+    add_server_arguments,
     channel,
     cpu_seconds,
     percentile,
@@ -277,10 +278,7 @@ def main() -> int:
     parser.add_argument("--bots", type=int, default=4)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--actions", type=int, default=1000)
-    parser.add_argument("--instance", default="")
-    parser.add_argument("--target", help="HOST:PORT of a running server (default: spawn one)")
-    parser.add_argument("--server-pid", type=int,
-                        help="with --target: the server's process id, to report its CPU time")
+    add_server_arguments(parser)
     parser.add_argument("--bot-processes", type=int, default=1,
                         help="processes the synthetic bots are spread over")
     parser.add_argument("--max-seconds", type=float, default=600.0)

@@ -18,6 +18,10 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_p
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 
 BOTH_SCHEDULERS = True  # the views and drains come from each strategy
+# The stub bots below stay silent while a dozen CLI processes run: a keepalive long
+# enough that a slow machine does not expire their sessions halfway.
+SILENT_BOTS_CONFIG: dict[str, Any] = {"instances": {"": {"scheduler": {
+    **SERVER_CONFIG["instances"][""]["scheduler"], "keepalive": 120}}}}
 
 
 async def cli(server: Any, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -34,7 +38,7 @@ async def as_json(server: Any, tmp_path: Path, *args: str) -> Any:
 
 async def test_bots_queues_and_drains_from_the_command_line(start_server: Any,
                                                             tmp_path: Path) -> None:
-    server = await start_server(SERVER_CONFIG)
+    server = await start_server(SILENT_BOTS_CONFIG)
     spot = StubBot(server.channel, bot_id="spot-1",
                    properties=[("OSFamily", "linux"), ("pool", "spot")])
     steady = StubBot(server.channel, bot_id="steady-1",
