@@ -16,6 +16,10 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from buildfleet._proto.build.bazel.remote.logstream.v1 import remote_logstream_pb2 as ls_pb2
+from buildfleet._proto.build.bazel.remote.logstream.v1 import (
+    remote_logstream_pb2_grpc as ls_grpc,
+)
 from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
 from buildfleet._proto.buildfleet.admin.v1 import admin_pb2_grpc as admin_grpc
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
@@ -39,6 +43,15 @@ def _writes(instance: str) -> Any:
         yield bs_pb2.WriteRequest(
             resource_name=f"{prefix}uploads/0b1f2a44-4c53-4a4e-9bce-4e5d6a7b8c9d/blobs/"
             f"{EMPTY.hash}/0", finish_write=True)
+    return requests()
+
+
+def _log_writes(instance: str) -> Any:
+    prefix = f"{instance}/" if instance else ""
+
+    async def requests() -> Any:
+        yield bs_pb2.WriteRequest(resource_name=f"{prefix}logstreams/nope/secret",
+                                  data=b"output", finish_write=True)
     return requests()
 
 
@@ -84,6 +97,17 @@ METHODS: dict[str, tuple[Call, set[str]]] = {
         bs_pb2.QueryWriteStatusRequest(resource_name=(f"{i}/" if i else "") +
                                        f"uploads/x/blobs/{MISSING.hash}/3")),
         {"execute", "bot"}),
+    "CreateLogStream": (lambda ch, i: ls_grpc.LogStreamServiceStub(ch).CreateLogStream(
+        ls_pb2.CreateLogStreamRequest(parent=i)), {"bot"}),
+    "ByteStream.Write (log stream)": (lambda ch, i: bs_grpc.ByteStreamStub(ch).Write(
+        _log_writes(i)), {"bot"}),
+    "QueryWriteStatus (log stream)": (lambda ch, i: bs_grpc.ByteStreamStub(ch)
+                                      .QueryWriteStatus(bs_pb2.QueryWriteStatusRequest(
+                                          resource_name=(f"{i}/" if i else "") +
+                                          "logstreams/nope/secret")), {"bot"}),
+    "ByteStream.Read (log stream)": (lambda ch, i: _stream(bs_grpc.ByteStreamStub(ch).Read(
+        bs_pb2.ReadRequest(resource_name=(f"{i}/" if i else "") + "logstreams/nope"))),
+        {"read", "execute", "bot"}),
     "GetOperation": (lambda ch, i: operations_pb2_grpc.OperationsStub(ch).GetOperation(
         operations_pb2.GetOperationRequest(name=_op(i))), {"execute"}),
     "ListOperations": (lambda ch, i: operations_pb2_grpc.OperationsStub(ch).ListOperations(

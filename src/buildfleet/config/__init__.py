@@ -127,6 +127,18 @@ class InstanceConfig(Model):
     max_inline_size: ByteSize = Field(default=ByteSize(1 * MiB), ge=0)
 
 
+class LogStreamsConfig(Model):
+    """Live output of running actions (the LogStream API), kept in the server's
+    memory: each stream at most `max-stream-size`, all together at most
+    `max-total-size`, a finished stream `keep-for` seconds; a stream whose writer
+    has been silent `idle-timeout` seconds is finished."""
+
+    max_stream_size: ByteSize = Field(default=ByteSize(16 * MiB), gt=0)
+    max_total_size: ByteSize = Field(default=ByteSize(256 * MiB), gt=0)
+    keep_for: float = Field(default=600.0, gt=0)
+    idle_timeout: float = Field(default=3600.0, gt=0)
+
+
 class ServerConfig(Model):
     """The whole server."""
 
@@ -144,6 +156,7 @@ class ServerConfig(Model):
     postgres: PostgresConfig = Field(default_factory=PostgresConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    logstreams: LogStreamsConfig = Field(default_factory=LogStreamsConfig)
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
 

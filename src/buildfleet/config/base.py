@@ -14,7 +14,7 @@ MiB = 1024 * 1024
 # containing one could not be told apart from the rest of a resource name.
 RESERVED_SEGMENTS = frozenset({
     "blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
-    "compressed-blobs",
+    "compressed-blobs", "logstreams",
 })
 
 

@@ -26,6 +26,8 @@ from buildfleet.server.capabilities.service import CapabilitiesService
 from buildfleet.server.cas.service import ContentAddressableStorageService
 from buildfleet.server.execution.service import ExecutionService
 from buildfleet.server.instance import Instances, build_instances
+from buildfleet.server.logstream.service import LogStreamService
+from buildfleet.server.logstream.store import LogStreamLimits, LogStreams
 from buildfleet.server.metrics import MetricsEndpoint, ServerMetrics
 from buildfleet.server.operations.service import OperationsService
 from buildfleet.server.web import Pages, WebEndpoint, ssl_context
@@ -50,9 +52,14 @@ class BuildfleetServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.instances: Instances = build_instances(config)
+        streams = config.logstreams
+        self.logs = LogStreams(LogStreamLimits(
+            max_stream_size=streams.max_stream_size, max_total_size=streams.max_total_size,
+            keep_for=streams.keep_for, idle_timeout=streams.idle_timeout))
         self.services: list[Service] = [
             ContentAddressableStorageService(self.instances),
-            ByteStreamService(self.instances),
+            ByteStreamService(self.instances, logs=self.logs),
+            LogStreamService(self.instances, self.logs),
             ActionCacheService(self.instances),
             CapabilitiesService(self.instances),
         ]

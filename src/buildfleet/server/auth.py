@@ -27,6 +27,7 @@ from buildfleet.server.bots.service import instance_of_session
 from buildfleet.server.bytestream.resource import parse_read, parse_write
 from buildfleet.server.execution.service import instance_of_operation
 from buildfleet.server.interception import Enter, Interceptor
+from buildfleet.server.logstream.store import is_log_name, parse_log_name
 from buildfleet.server.principal import PRINCIPAL
 from buildfleet.server.rpc import Undecodable
 
@@ -36,10 +37,13 @@ class Rule:
     roles: frozenset[Role]  # any of these, on the request's instance
     instance: Callable[[Any], str] | None  # None: any instance will do
     bot_id: Callable[[Any], str] | None = None
+    # the roles for this particular request, when they depend on it (else `roles`)
+    roles_of: Callable[[Any], frozenset[Role]] | None = None
 
 
 READ = frozenset({Role.READ, Role.BOT})  # what bots need of the CAS, they may do
 WRITE = frozenset({Role.EXECUTE, Role.BOT})
+LOG_WRITE = frozenset({Role.BOT})
 
 
 def _named(request: Any) -> str:
@@ -47,11 +51,20 @@ def _named(request: Any) -> str:
 
 
 def _read_resource(request: Any) -> str:
+    if is_log_name(request.resource_name):
+        return parse_log_name(request.resource_name).instance_name
     return parse_read(request.resource_name).instance_name
 
 
 def _write_resource(request: Any) -> str:
+    if is_log_name(request.resource_name):
+        return parse_log_name(request.resource_name).instance_name
     return parse_write(request.resource_name).instance_name
+
+
+def _write_roles(request: Any) -> frozenset[Role]:
+    """Only bots write log streams (the output of the actions they run)."""
+    return LOG_WRITE if is_log_name(request.resource_name) else WRITE
 
 
 def _operation(request: Any) -> str:
@@ -70,8 +83,12 @@ RULES: dict[str, Rule] = {
     _REAPI + "Execution/Execute": Rule(frozenset({Role.EXECUTE}), _named),
     _REAPI + "Execution/WaitExecution": Rule(frozenset({Role.EXECUTE}), _operation),
     "/google.bytestream.ByteStream/Read": Rule(READ, _read_resource),
-    "/google.bytestream.ByteStream/Write": Rule(WRITE, _write_resource),
-    "/google.bytestream.ByteStream/QueryWriteStatus": Rule(WRITE, _write_resource),
+    "/google.bytestream.ByteStream/Write": Rule(WRITE, _write_resource,
+                                                roles_of=_write_roles),
+    "/google.bytestream.ByteStream/QueryWriteStatus": Rule(WRITE, _write_resource,
+                                                           roles_of=_write_roles),
+    "/build.bazel.remote.logstream.v1.LogStreamService/CreateLogStream": Rule(
+        LOG_WRITE, lambda request: str(request.parent)),
     "/google.longrunning.Operations/GetOperation": Rule(frozenset({Role.EXECUTE}), _operation),
     "/google.longrunning.Operations/WaitOperation": Rule(frozenset({Role.EXECUTE}), _operation),
     "/google.longrunning.Operations/CancelOperation": Rule(frozenset({Role.EXECUTE}),
@@ -130,6 +147,8 @@ class AuthInterceptor(Interceptor):
         if rule is None:  # a method with no rule: nobody but an admin
             rule = Rule(frozenset({Role.ADMIN}), None)
         instance = self._instance(rule, request)
+        if rule.roles_of is not None and instance is not None:
+            rule = Rule(rule.roles_of(request), rule.instance, rule.bot_id)
         bot_id = rule.bot_id(request) if rule.bot_id and instance is not None else None
         if instance is None:
             allowed = any(principal.may_anywhere(role) for role in rule.roles)

@@ -53,6 +53,7 @@ from buildfleet.errors import (
 )
 from buildfleet.server.bytestream.resource import ResourceName, parse_read, parse_write, quote
 from buildfleet.server.instance import Instances
+from buildfleet.server.logstream.store import LogStreams, is_log_name, parse_log_name
 from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.cas import Cas, VerifyingWriter
 
@@ -227,8 +228,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     def __init__(self, instances: Instances, *,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 max_uploads: int = DEFAULT_MAX_UPLOADS) -> None:
+                 max_uploads: int = DEFAULT_MAX_UPLOADS,
+                 logs: LogStreams | None = None) -> None:
         self.instances = instances
+        self.logs = logs  # log streams (LogStream API) are read and written here too
         self.idle_timeout = idle_timeout
         self.max_uploads = max_uploads
         self._uploads: dict[UploadKey, _Upload] = {}
@@ -264,6 +267,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                    context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as a generator so that the reader
         # is closed at once when the client goes away.
+        if self.logs is not None and is_log_name(request.resource_name):
+            await self._read_log(request, context)
+            return
         resource = parse_read(request.resource_name)
         instance = self.instances.get(resource.instance_name)
         digest = resource.digest
@@ -295,6 +301,18 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             await chunks.aclose()
             await reader.close()
 
+    async def _read_log(self, request: bs_pb2.ReadRequest,
+                        context: grpc.aio.ServicerContext) -> None:
+        assert self.logs is not None
+        name = parse_log_name(request.resource_name)
+        self.instances.get(name.instance_name)
+        chunks = self.logs.read(name, request.read_offset, request.read_limit)
+        try:
+            async for chunk in chunks:
+                await context.write(bs_pb2.ReadResponse(data=chunk))
+        finally:
+            await chunks.aclose()
+
     @staticmethod
     async def _send_compressed(chunks: AsyncIterator[bytes], size: int,
                                context: grpc.aio.ServicerContext) -> None:
@@ -308,6 +326,26 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     # -- Write -----------------------------------------------------------------
 
+    async def _write_log(self, resource_name: str, first: bs_pb2.WriteRequest,
+                         requests: AsyncIterator[bs_pb2.WriteRequest]) -> bs_pb2.WriteResponse:
+        """Append to a log stream, each request's bytes readable as soon as they arrive."""
+        assert self.logs is not None
+        name = parse_log_name(resource_name)
+        self.instances.get(name.instance_name)
+        request: bs_pb2.WriteRequest | None = first
+        committed, _ = self.logs.committed(name)
+        while request is not None:
+            if request.resource_name and request.resource_name != resource_name:
+                raise InvalidArgument(
+                    f"resource_name {quote(request.resource_name)} differs from "
+                    f"{quote(resource_name)} named at the start of the stream")
+            committed = self.logs.write(name, request.write_offset, request.data,
+                                        request.finish_write)
+            if request.finish_write:
+                break
+            request = await anext(requests, None)
+        return bs_pb2.WriteResponse(committed_size=committed)
+
     @rpc
     async def Write(self, request_iterator: AsyncIterator[bs_pb2.WriteRequest],
                     context: grpc.aio.ServicerContext) -> bs_pb2.WriteResponse:
@@ -318,6 +356,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         name = first.resource_name
         if not name:
             raise InvalidArgument("the first WriteRequest of a stream must set resource_name")
+        if self.logs is not None and is_log_name(name):
+            return await self._write_log(name, first, requests)
         resource = parse_write(name)
         instance = self.instances.get(resource.instance_name)
         digest = resource.digest
@@ -441,6 +481,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     async def QueryWriteStatus(self, request: bs_pb2.QueryWriteStatusRequest,
                                context: grpc.aio.ServicerContext
                                ) -> bs_pb2.QueryWriteStatusResponse:
+        if self.logs is not None and is_log_name(request.resource_name):
+            name = parse_log_name(request.resource_name)
+            self.instances.get(name.instance_name)
+            size, finished = self.logs.committed(name)
+            return bs_pb2.QueryWriteStatusResponse(committed_size=size, complete=finished)
         resource = parse_write(request.resource_name)
         instance = self.instances.get(resource.instance_name)
         digest = resource.digest
