@@ -132,12 +132,14 @@ def main() -> int:
         for index, (address, event) in enumerate(zip(addresses, ready, strict=True)):
             count = args.bots // len(addresses) + (index < args.bots % len(addresses))
             worker = multiprocessing.Process(
-                target=bots_process, args=(address, "", count, args.max_seconds, event),
+                target=bots_process, args=(address, "", count, args.max_seconds, event, None),
                 daemon=True)
             worker.start()
             workers.append(worker)
-        for event in ready:
-            event.wait(60)
+        for event, worker in zip(ready, workers, strict=True):
+            if not event.wait(60) or not worker.is_alive():
+                raise SystemExit(f"the bots of a replica did not start (exit code "
+                                 f"{worker.exitcode})")
         try:
             figures = asyncio.run(run_clients(addresses, args,
                                               [process.pid for _, process in servers]))

@@ -66,6 +66,11 @@ async def _connect(url: str, *, required: bool = False) -> psycopg.AsyncConnecti
         pytest.skip(reason)
 
 
+async def require_postgres() -> None:
+    """Skip the test (fail it where PostgreSQL is required) when there is none."""
+    await (await _connect(base_url())).close()
+
+
 @asynccontextmanager
 async def postgres_schema() -> AsyncIterator[str]:
     """A URL to a new, empty schema of its own; the schema is dropped afterwards."""

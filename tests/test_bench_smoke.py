@@ -5,12 +5,14 @@ Timing figures are never asserted here; bench/RESULTS.md records them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pgkit import base_url, require_postgres
 from sandboxkit import require_sandbox
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -29,6 +31,16 @@ def run_benchmark(script: str, *args: str) -> dict[str, object]:
 def test_scheduler_benchmark_runs_and_every_client_gets_its_own_result() -> None:
     figures = run_benchmark("scheduler.py", "--bots", "2", "--clients", "3", "--actions", "40")
     assert figures["completed"] == 40
+    assert figures["errors"] == 0 and figures["wrong_results"] == 0
+
+
+@pytest.mark.timeout(300)
+async def test_replicas_benchmark_runs_and_every_client_gets_its_own_result() -> None:
+    await require_postgres()
+    figures = await asyncio.to_thread(
+        run_benchmark, "replicas.py", "--replicas", "2", "--bots", "2", "--clients", "3",
+        "--actions", "30", "--database", base_url())
+    assert figures["completed"] == 30 and figures["replicas"] == 2
     assert figures["errors"] == 0 and figures["wrong_results"] == 0
 
 
