@@ -4,12 +4,18 @@ several readers, bounded in size, refused to anyone without the write name, expi
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from botprocess import SERVER_CONFIG, Remote
+from google.longrunning import operations_pb2, operations_pb2_grpc
 
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from buildfleet._proto.build.bazel.remote.logstream.v1 import remote_logstream_pb2 as ls_pb2
 from buildfleet._proto.build.bazel.remote.logstream.v1 import (
     remote_logstream_pb2_grpc as ls_grpc,
@@ -227,3 +233,169 @@ def test_the_oldest_finished_streams_make_room_and_unfinished_ones_are_kept() ->
         logs.write(parse_log_name(live), 30, b"w" * 30, finish=False)  # nothing to drop
     assert logs.committed(parse_log_name(new)) == (50, False)
     assert {old_name, live_name, new_name} and len(logs) == 2
+
+
+# -- the output of running actions, end to end ------------------------------------
+
+async def executing_metadata(call: Any) -> re_pb2.ExecuteOperationMetadata:
+    """Follow an Execute stream to its first update that names the output streams."""
+    async with asyncio.timeout(WAIT):
+        async for operation in call:
+            metadata = re_pb2.ExecuteOperationMetadata()
+            operation.metadata.Unpack(metadata)
+            if metadata.stdout_stream_name:
+                assert metadata.stage == re_pb2.ExecutionStage.EXECUTING
+                executing[metadata.stdout_stream_name] = operation.name
+                return metadata
+    raise AssertionError("the operation ended without naming its streams")
+
+
+executing: dict[str, str] = {}  # stdout stream name -> its operation's name
+
+
+async def test_a_running_actions_output_is_read_live_and_ends_with_it(
+        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    digest = await remote.action(
+        "sh", "-c", f"echo first; echo oops >&2; while [ ! -e {go} ]; do sleep 0.05; done; "
+        "echo second")
+    call = remote.execute(digest)
+    metadata = await executing_metadata(call)
+    assert metadata.stdout_stream_name.startswith("logstreams/")
+    assert metadata.stderr_stream_name != metadata.stdout_stream_name
+    # GetOperation and WaitExecution name the same streams while it runs
+    name = executing[metadata.stdout_stream_name]
+    got = await operations_pb2_grpc.OperationsStub(server.channel).GetOperation(
+        operations_pb2.GetOperationRequest(name=name))
+    waited = re_grpc.ExecutionStub(server.channel).WaitExecution(
+        re_pb2.WaitExecutionRequest(name=name))
+    assert await executing_metadata(waited) == metadata
+    waited.cancel()
+    seen = re_pb2.ExecuteOperationMetadata()
+    got.metadata.Unpack(seen)
+    assert (seen.stdout_stream_name, seen.stderr_stream_name) == (
+        metadata.stdout_stream_name, metadata.stderr_stream_name)
+    log = Log(server.channel)
+    early = log.follow(metadata.stdout_stream_name)
+    await early.has(b"first\n")  # before the action ends
+    late = log.follow(metadata.stdout_stream_name)
+    await late.has(b"first\n")
+    errors = log.follow(metadata.stderr_stream_name)
+    await errors.has(b"oops\n")
+    assert not early.done.done()
+    go.touch()
+    async with asyncio.timeout(WAIT):
+        result = await remote.client.result(call)
+    for reader in (early, late, errors):
+        await asyncio.wait_for(reader.done, WAIT)
+    assert bytes(early.received) == bytes(late.received) == b"first\nsecond\n"
+    assert bytes(errors.received) == b"oops\n"
+    assert await remote.blob(result.result.stdout_digest) == b"first\nsecond\n"
+
+
+async def test_a_burst_of_output_goes_in_few_calls(start_server: Any, spawn_bot: Any,
+                                                   tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    digest = await remote.action(
+        "sh", "-c", f"seq 1 20000; while [ ! -e {go} ]; do sleep 0.05; done; echo end")
+    call = remote.execute(digest)
+    metadata = await executing_metadata(call)
+    expected = "".join(f"{n}\n" for n in range(1, 20001)).encode()
+    reader = Log(server.channel).follow(metadata.stdout_stream_name)
+    await reader.has(expected)
+    go.touch()
+    async with asyncio.timeout(WAIT):
+        await remote.client.result(call)
+    await asyncio.wait_for(reader.done, WAIT)
+    assert bytes(reader.received) == expected + b"end\n"
+    # 20,000 lines (109 KB) and the end: a few calls per stream, not one per line
+    assert server.server.logs.write_calls <= 12, server.server.logs.write_calls
+
+
+async def test_writes_by_anyone_but_the_bot_holding_the_lease_are_refused(
+        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    digest = await remote.action("sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done")
+    call = remote.execute(digest)
+    metadata = await executing_metadata(call)
+    log = Log(server.channel)
+    for forged in (metadata.stdout_stream_name, metadata.stdout_stream_name + "/guess"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await log.write(forged, 0, b"fake compiler output")
+        assert refused.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.PERMISSION_DENIED)
+    go.touch()
+    async with asyncio.timeout(WAIT):
+        await remote.client.result(call)
+    assert await log.read_all(metadata.stdout_stream_name) == b""
+
+
+def test_an_actions_streams_last_for_its_run_and_silent_ones_go_soon() -> None:
+    clock = Clock()
+    logs = LogStreams(LogStreamLimits(keep_for=600), clock)
+    first = logs.for_action("", "abc/3")
+    assert first is not None and logs.for_action("", "abc/3") == first  # the same run
+    assert logs.for_action("ci", "abc/3") != first  # another instance, other streams
+    logs.write(parse_log_name(first.stdout[1]), 0, b"said something", finish=False)
+    logs.end_action("", "abc/3")
+    assert logs.committed(parse_log_name(first.stdout[1])) == (14, True)  # finished
+    second = logs.for_action("", "abc/3")  # the next run of the same action
+    assert second is not None and second != first
+    clock.now += 10  # a stream nothing was written to is not kept long
+    with pytest.raises(NotFound):
+        logs.committed(parse_log_name(first.stderr[1]))
+    assert logs.committed(parse_log_name(first.stdout[1])) == (14, True)
+    clock.now += 590
+    with pytest.raises(NotFound):
+        logs.committed(parse_log_name(first.stdout[1]))
+
+
+async def test_ops_logs_follows_a_running_action_from_the_terminal(
+        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    digest = await remote.action(
+        "sh", "-c", f"echo compiling; echo warning >&2; while [ ! -e {go} ]; do sleep 0.05; "
+        "done; echo linked")
+    call = remote.execute(digest)
+    metadata = await executing_metadata(call)
+    name = executing[metadata.stdout_stream_name]
+    command = [sys.executable, "-m", "buildfleet", "ops", "logs", name,
+               "--server", f"grpc://{server.address}"]
+    follower = await asyncio.create_subprocess_exec(*command, "--follow",
+                                                    stdout=asyncio.subprocess.PIPE)
+    assert follower.stdout is not None
+    async with asyncio.timeout(WAIT):
+        assert await follower.stdout.readline() == b"compiling\n"  # while it runs
+    assert follower.returncode is None
+    snapshot = await asyncio.create_subprocess_exec(*command, "--stderr",
+                                                    stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT):
+        printed, _ = await snapshot.communicate()  # what is there now, then it exits
+    assert (printed, snapshot.returncode) == (b"warning\n", 0)
+    go.touch()
+    async with asyncio.timeout(WAIT):
+        rest = await follower.stdout.read()
+        assert await follower.wait() == 0
+    assert rest == b"linked\n"
+    async with asyncio.timeout(WAIT):
+        await remote.client.result(call)
+    done = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(WAIT):
+        printed, _ = await done.communicate()  # from the result, once it is done
+    assert (printed, done.returncode) == (b"compiling\nlinked\n", 0)

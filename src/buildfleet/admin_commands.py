@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 import shlex
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +57,11 @@ class Connection:
 
     def call(self, method: Callable[[admin_grpc.AdminStub], Awaitable[Message]]) -> Any:
         """Run one Admin call; a gRPC error becomes a message and exit code 1."""
+        return self.run(lambda channel: method(admin_grpc.AdminStub(channel)))
+
+    def run(self, work: Callable[[grpc.aio.Channel], Awaitable[Any]]) -> Any:
+        """Run `work` on a channel to the server; a gRPC error becomes a message and
+        exit code 1."""
         from buildfleet.client.credentials import ClientCredentials
         from buildfleet.worker.config import open_channel
 
@@ -66,9 +72,9 @@ class Connection:
         except ValueError as error:
             raise click.BadParameter(str(error)) from None
 
-        async def run() -> Message:
+        async def run() -> Any:
             async with open_channel(self.server, credentials) as channel:
-                return await method(admin_grpc.AdminStub(channel))
+                return await work(channel)
 
         try:
             return asyncio.run(run())
@@ -341,3 +347,26 @@ def cancel_op(connection: Connection, name: str) -> None:
     detail = connection.call(lambda admin: admin.CancelOperation(
         admin_pb2.CancelOperationRequest(name=name), timeout=TIMEOUT))
     connection.show(detail, lambda: [f"cancelled {detail.summary.name}"])
+
+
+@ops.command("logs")
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing the output as the action produces it, until it ends "
+                   "(waiting for a queued action to start).")
+@click.option("--stderr", "which", flag_value="stderr", help="Standard error instead.")
+@click.option("--stdout", "which", flag_value="stdout", default=True, hidden=True)
+@connection_options
+@connected
+def op_logs(connection: Connection, name: str, follow: bool, which: str) -> None:
+    """What an operation's action printed: live while it runs (where the server streams
+    output), from its result once it is done."""
+    from buildfleet.client.output import print_output
+
+    def note(message: str) -> None:
+        click.echo(message, err=True)
+
+    async def work(channel: grpc.aio.Channel) -> None:
+        await print_output(channel, name, which, follow, sys.stdout.buffer, note)
+
+    connection.run(work)

@@ -201,6 +201,7 @@ class CasClient:
         self.timeout = timeout
         self._cas = re_grpc.ContentAddressableStorageStub(channel)
         self._bytestream = bs_grpc.ByteStreamStub(channel)
+        self.bytestream = self._bytestream  # for other ByteStream resources (log streams)
         self._capabilities = re_grpc.CapabilitiesStub(channel)
         self._batch_limit = max_batch_size
         self._limit_lock = asyncio.Lock()

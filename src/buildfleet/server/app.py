@@ -17,6 +17,7 @@ from buildfleet.auth.authenticator import Authenticator
 from buildfleet.auth.tls import RotatingCredentials
 from buildfleet.config import ConfigError, ServerConfig, parse_listen_address
 from buildfleet.config.base import shown_host
+from buildfleet.config.scheduler import is_postgres_url
 from buildfleet.server.actioncache.service import ActionCacheService
 from buildfleet.server.admin.service import AdminService
 from buildfleet.server.auth import AuthInterceptor
@@ -64,11 +65,14 @@ class BuildfleetServer:
             CapabilitiesService(self.instances),
         ]
         self.admin = AdminService(self.instances)
+        # Output streams live in this process: named in operations only where the
+        # bots that write them and the clients that read them meet here.
+        named = None if is_postgres_url(config.database) else self.logs
         if self.instances.schedulers():
-            self.bots = BotsService(self.instances)
+            self.bots = BotsService(self.instances, logs=named)
             self.services += [
-                ExecutionService(self.instances),
-                OperationsService(self.instances),
+                ExecutionService(self.instances, named),
+                OperationsService(self.instances, named),
                 self.bots,
                 self.admin,
             ]

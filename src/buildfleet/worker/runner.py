@@ -78,6 +78,7 @@ from buildfleet.worker.sandbox import (
     through_env,
     wants_network,
 )
+from buildfleet.worker.streaming import OutputStreamer
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,11 @@ class Runner:
         for pgid in list(self.process_groups):
             kill_group(pgid)
 
-    async def run(self, lease_id: str, payload: AnyProto) -> LeaseOutcome:
-        """Run the action of one lease to its outcome (cancellation kills the command)."""
+    async def run(self, lease_id: str, payload: AnyProto,
+                  streams: tuple[str, str] | None = None) -> LeaseOutcome:
+        """Run the action of one lease to its outcome (cancellation kills the command).
+        With `streams` (the write names of two log streams) its stdout and stderr are
+        also sent there as the command runs."""
         metadata = re_pb2.ExecutedActionMetadata(worker=self.config.bot_id)
         started = _stamp(metadata.worker_start_timestamp)
         summary: dict[str, float | int | str] = {}
@@ -334,7 +338,7 @@ class Runner:
         outcome: LeaseOutcome
         try:
             action, action_digest = await self._action(payload)
-            outcome = await self._run_action(action, action_digest, metadata, summary)
+            outcome = await self._run_action(action, action_digest, metadata, summary, streams)
         except asyncio.CancelledError:
             log.info("lease %s action %s: stopped after %.3fs (command killed)", lease_id,
                      action_digest or "?", time.monotonic() - started)
@@ -449,7 +453,8 @@ class Runner:
 
     async def _run_action(self, action: re_pb2.Action, action_digest: Digest,
                           metadata: re_pb2.ExecutedActionMetadata,
-                          summary: dict[str, float | int | str]) -> LeaseOutcome:
+                          summary: dict[str, float | int | str],
+                          streams: tuple[str, str] | None = None) -> LeaseOutcome:
         fetch_started = _stamp(metadata.input_fetch_start_timestamp)
         command_digest = Digest.from_proto(action.command_digest, "action.command_digest")
         root_digest = Digest.from_proto(action.input_root_digest, "action.input_root_digest")
@@ -484,14 +489,15 @@ class Runner:
                 self.cache.release(fetch)
             summary["fetch"] = _stamp(metadata.input_fetch_completed_timestamp) - fetch_started
             return await self._execute(command, outputs, timeout, action_dir, root, working,
-                                       network, limits, metadata, summary)
+                                       network, limits, metadata, summary, streams)
         finally:
             self._remove_later(action_dir)  # the outcome is reported meanwhile
 
     async def _execute(self, command: re_pb2.Command, outputs: Outputs, timeout: float,
                        action_dir: Path, root: Path, working: Path, network: bool,
                        limits: Limits, metadata: re_pb2.ExecutedActionMetadata,
-                       summary: dict[str, float | int | str]) -> LeaseOutcome:
+                       summary: dict[str, float | int | str],
+                       streams: tuple[str, str] | None = None) -> LeaseOutcome:
         stdout_path = action_dir / "stdout"
         stderr_path = action_dir / "stderr"
         environment = {v.name: v.value for v in command.environment_variables}
@@ -503,11 +509,18 @@ class Runner:
             try:
                 status_fd = await in_thread(os.open, action_dir / "sandbox-status",
                                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                live = [OutputStreamer(self.cas.bytestream, name, path, what)
+                        for name, path, what in zip(streams or (), (stdout_path, stderr_path),
+                                                    ("stdout", "stderr"), strict=False)]
+                for streamer in live:
+                    streamer.start()
                 try:
                     ran = await self._spawn(command, root, working, environment, network,
                                             limits, timeout, stdout, stderr, status_fd)
                 finally:
                     os.close(status_fd)
+                    for streamer in live:
+                        await streamer.close()
             finally:
                 os.close(stderr)
         finally:

@@ -54,6 +54,7 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
     bots_pb2_grpc,
     worker_pb2,
 )
+from buildfleet.client import logstreams
 from buildfleet.client.cas import CasClient
 from buildfleet.worker.cache import LocalCache
 from buildfleet.worker.config import BotConfig, open_channel
@@ -128,6 +129,7 @@ class Bot:
         self._signals = 0
         self._wake = asyncio.Event()
         self._hold_report = False  # new leases fill the bot: report them a little later
+        self._streams: dict[str, tuple[str, str]] = {}  # lease id -> log stream write names
         self._slots = asyncio.Semaphore(config.concurrency)
         self._drain_task: asyncio.Task[None] | None = None
         self._give_up_at: float | None = None
@@ -470,7 +472,8 @@ class Bot:
         timeout = self.config.poll_timeout
         if self._give_up_at is not None:  # stopping: do not wait longer than allowed
             timeout = max(1.0, min(timeout, self._give_up_at - time.monotonic()))
-        call = self._bots.UpdateBotSession(request, timeout=timeout)
+        call = self._bots.UpdateBotSession(request, timeout=timeout,
+                                           metadata=((logstreams.WANTED, "1"),))
         waiting = asyncio.ensure_future(call)
         woken = asyncio.ensure_future(self._wake.wait())
         try:
@@ -480,7 +483,9 @@ class Bot:
             if not waiting.done():
                 call.cancel()
         try:
-            return await waiting
+            response: bots_pb2.BotSession = await waiting
+            self._take_streams(await call.trailing_metadata())
+            return response
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -490,6 +495,18 @@ class Bot:
             if error.code() == grpc.StatusCode.CANCELLED and self._wake.is_set():
                 return None
             raise
+
+    def _take_streams(self, trailers: object) -> None:
+        """The write names of the log streams of new leases, if the server gave any."""
+        for key, value in trailers or ():  # type: ignore[attr-defined]
+            if key != logstreams.KEY:
+                continue
+            try:
+                self._streams.update(logstreams.decode(value))
+            except ValueError as error:
+                log.info("ignoring unreadable log stream names from the server: %s", error)
+        while len(self._streams) > 1000:  # names of leases that never started
+            self._streams.pop(next(iter(self._streams)))
 
     def _apply(self, response: bots_pb2.BotSession) -> None:
         """Take in the server's answer: new leases, withdrawn ones, acknowledgements."""
@@ -561,7 +578,8 @@ class Bot:
         assert self._runner is not None
         try:
             async with self._slots:
-                outcome = await self._runner.run(local.id, local.proto.payload)
+                outcome = await self._runner.run(local.id, local.proto.payload,
+                                                 self._streams.pop(local.id, None))
         except asyncio.CancelledError:
             if local.cancel_reason is None:
                 raise

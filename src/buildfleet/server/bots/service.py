@@ -22,6 +22,7 @@ project's wire contract; the translation below follows it:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypedDict
 
@@ -35,6 +36,7 @@ from buildfleet._proto.google.devtools.remoteworkers.v1test2 import (
     bots_pb2_grpc,
     worker_pb2,
 )
+from buildfleet.client import logstreams
 from buildfleet.errors import InvalidArgument, PermissionDenied
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.model import (
@@ -47,6 +49,7 @@ from buildfleet.scheduler.model import (
 )
 from buildfleet.scheduler.protos import ACTION_URL, DIGEST_URL
 from buildfleet.server import principal
+from buildfleet.server.logstream.store import LogStreams
 from buildfleet.server.rpc import add_service, rpc
 
 __all__ = ["BaseBotsService", "BotMetrics", "BotsService", "UninstancedBotsService"]
@@ -130,8 +133,43 @@ def _reported(lease: bots_pb2.Lease) -> ReportedLease:
         result=lease.result if lease.HasField("result") else None)
 
 
+MAX_RUNS = 100_000  # leases whose streams are remembered (the oldest forgotten first)
+
+
 class BaseBotsService:
     """What both Bots services share: translation and the bot queries."""
+
+    logs: LogStreams | None = None  # set to stream the output of running actions
+    _runs: OrderedDict[str, tuple[str, str]]  # lease id -> (instance, action "hash/size")
+
+    def _output_streams(self, instance_name: str, reported: Iterable[bots_pb2.Lease],
+                        leases: Iterable[Lease], context: grpc.aio.ServicerContext) -> None:
+        """End the streams of reported leases; give the bot those of its new ones."""
+        logs = self.logs
+        if logs is None:
+            return
+        runs = self._runs
+        for report in reported:
+            if report.state == bots_pb2.LeaseState.COMPLETED and report.id in runs:
+                logs.end_action(*runs.pop(report.id))
+        wanted = any(key == logstreams.WANTED for key, _ in
+                     (context.invocation_metadata() or ()))
+        told: dict[str, tuple[str, str]] = {}
+        for lease in leases:
+            if lease.state not in (LeaseState.ACTIVE, LeaseState.PENDING) or lease.id in runs:
+                continue
+            action = f"{lease.action_digest.hash}/{lease.action_digest.size_bytes}"
+            for earlier, run in list(runs.items()):  # a retry: the failed run's streams end
+                if run == (instance_name, action):
+                    logs.end_action(*runs.pop(earlier))
+            runs[lease.id] = (instance_name, action)
+            while len(runs) > MAX_RUNS:
+                runs.popitem(last=False)
+            output = logs.for_action(instance_name, action) if wanted else None
+            if output is not None:
+                told[lease.id] = (output.stdout[1], output.stderr[1])
+        if told:  # see buildfleet.client.logstreams
+            context.set_trailing_metadata(((logstreams.KEY, logstreams.encode(told)),))
 
     def _scheduler_for(self, instance_name: str) -> SchedulerAPI:
         raise NotImplementedError
@@ -194,6 +232,7 @@ class BaseBotsService:
         except (InvalidArgument, PermissionDenied):
             scheduler.observations.reports_refused += 1  # malformed, closed, or not the bot's
             raise
+        self._output_streams(session.instance, body.leases, leases, context)
         return self._session_proto(scheduler, session, leases,
                                    body.worker if has_worker else None)
 
@@ -249,7 +288,10 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     SERVICE_NAME: ClassVar[str] = "Bots"
     FULL_NAME: ClassVar[str] = "google.devtools.remoteworkers.v1test2.Bots"
 
-    def __init__(self, schedulers: Mapping[str, SchedulerAPI] | Any = None) -> None:
+    def __init__(self, schedulers: Mapping[str, SchedulerAPI] | Any = None,
+                 logs: LogStreams | None = None) -> None:
+        self.logs = logs
+        self._runs = OrderedDict()
         self._schedulers: dict[str, SchedulerAPI] = {}
         if schedulers is not None:
             items = (schedulers.items() if isinstance(schedulers, Mapping)
@@ -304,8 +346,10 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     SERVICE_NAME: ClassVar[str] = "Bots"
     FULL_NAME: ClassVar[str] = "google.devtools.remoteworkers.v1test2.Bots"
 
-    def __init__(self, scheduler: SchedulerAPI) -> None:
+    def __init__(self, scheduler: SchedulerAPI, logs: LogStreams | None = None) -> None:
         self._scheduler = scheduler
+        self.logs = logs
+        self._runs = OrderedDict()
 
     async def start(self) -> None:
         """Start the scheduler's store (unless already started) and the scheduler itself."""

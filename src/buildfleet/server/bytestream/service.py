@@ -332,6 +332,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         assert self.logs is not None
         name = parse_log_name(resource_name)
         self.instances.get(name.instance_name)
+        self.logs.write_calls += 1
         request: bs_pb2.WriteRequest | None = first
         committed, _ = self.logs.committed(name)
         while request is not None:

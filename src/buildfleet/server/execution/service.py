@@ -24,6 +24,8 @@ from buildfleet.scheduler.rules.matching import requirements_of
 from buildfleet.server import principal
 from buildfleet.server.capabilities.service import clamp_priority
 from buildfleet.server.instance import Instance, Instances
+from buildfleet.server.logstream.metadata import with_stream_names
+from buildfleet.server.logstream.store import LogStreams
 from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.action_cache import missing_blobs_error
 
@@ -67,8 +69,9 @@ def scheduler_for_operation(instances: Instances, name: str) -> SchedulerAPI:
 class ExecutionService(re_grpc.ExecutionServicer):
     FULL_NAME = "build.bazel.remote.execution.v2.Execution"
 
-    def __init__(self, instances: Instances) -> None:
+    def __init__(self, instances: Instances, logs: LogStreams | None = None) -> None:
         self.instances = instances
+        self.logs = logs  # names the output streams of executing actions
 
     def register(self, server: grpc.aio.Server) -> None:
         add_service(server, self, re_pb2.DESCRIPTOR.services_by_name["Execution"])
@@ -116,14 +119,15 @@ class ExecutionService(re_grpc.ExecutionServicer):
             priority=clamp_priority(request.execution_policy.priority),
             skip_cache_lookup=request.skip_cache_lookup, owner=principal.owner())
         async for message in scheduler.watch(operation):
-            yield message
+            yield with_stream_names(self.logs, request.instance_name, message)
 
     @rpc
     async def WaitExecution(self, request: re_pb2.WaitExecutionRequest,  # noqa: N802
                             context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[operations_pb2.Operation]:
         scheduler = scheduler_for_operation(self.instances, request.name)
-        operation = await scheduler.get_operation(
-            request.name, principal.caller_on(instance_of_operation(request.name)))
+        instance_name = instance_of_operation(request.name)
+        operation = await scheduler.get_operation(request.name,
+                                                  principal.caller_on(instance_name))
         async for message in scheduler.watch(operation):
-            yield message
+            yield with_stream_names(self.logs, instance_name, message)

@@ -16,6 +16,13 @@ dropped first; with none left to drop a new stream is refused); a finished
 stream is kept `keep_for` seconds, an unfinished one whose writer has been silent
 for `idle_timeout` seconds is finished and then kept as long.  A stream that is
 gone is NOT_FOUND with a message saying so.
+
+The output of a running action: `for_action` gives the pair of streams (stdout,
+stderr) of an action being executed, creating them the first time anyone asks
+(the Execution service, to name them in the operation's metadata; the Bots
+service, to hand their write names to the bot running it); `end_action`
+finishes them when the bot reports the lease (so that readers of a bot that
+streamed nothing end too), and the next run of the same action gets new ones.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import hmac
 import secrets
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +48,7 @@ from buildfleet.errors import (
 SEGMENT = "logstreams"
 MiB = 1024 * 1024
 READ_CHUNK = 64 * 1024
+EMPTY_KEEP = 10.0  # seconds a finished stream that nothing was written to is kept
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,14 @@ class _Stream:
         event.set()
 
 
+@dataclass(frozen=True, slots=True)
+class ActionOutput:
+    """The streams of one run of an action: read and write names of each."""
+
+    stdout: tuple[str, str]
+    stderr: tuple[str, str]
+
+
 class LogStreams:
     """Every log stream of one server process."""
 
@@ -109,7 +125,44 @@ class LogStreams:
         self.limits = limits or LogStreamLimits()
         self.clock = clock
         self._streams: OrderedDict[str, _Stream] = OrderedDict()  # by id, oldest first
+        self._open: dict[str, _Stream] = {}  # the unfinished ones
+        self._ended: deque[_Stream] = deque()  # finished with output, oldest first
+        self._ended_empty: deque[_Stream] = deque()  # finished without
+        self._expired_at = float("-inf")
         self._total = 0
+        # (instance, action digest "hash/size") -> the streams of its current run
+        self._actions: dict[tuple[str, str], ActionOutput] = {}
+        self.write_calls = 0  # ByteStream Write calls to streams (one may carry many writes)
+
+    # -- the output of running actions ---------------------------------------------
+
+    def for_action(self, instance_name: str, action: str) -> ActionOutput | None:
+        """The streams of the run of `action` (its digest as "hash/size") now under
+        way, created if need be; None when no more streams fit."""
+        key = (instance_name, action)
+        output = self._actions.get(key)
+        if output is not None and self._kept(output.stdout[0]) and self._kept(output.stderr[0]):
+            return output
+        try:
+            output = ActionOutput(self.create(instance_name), self.create(instance_name))
+        except ResourceExhausted:
+            return None
+        self._actions[key] = output
+        return output
+
+    def end_action(self, instance_name: str, action: str) -> None:
+        """The run of `action` ended: finish its streams (readers get the rest and
+        stop) and forget them, so that a later run gets streams of its own."""
+        output = self._actions.pop((instance_name, action), None)
+        if output is None:
+            return
+        for read_name, _ in (output.stdout, output.stderr):
+            stream = self._streams.get(parse_log_name(read_name).stream_id)
+            if stream is not None and not stream.finished:
+                self._finish(stream)
+
+    def _kept(self, read_name: str) -> bool:
+        return parse_log_name(read_name).stream_id in self._streams
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -131,6 +184,7 @@ class LogStreams:
         name = LogName(instance_name, uuid.uuid4().hex, None)
         stream = _Stream(name, secrets.token_hex(16), self.clock())
         self._streams[name.stream_id] = stream
+        self._open[name.stream_id] = stream
         return name.read_name, f"{name.read_name}/{stream.token}"
 
     def _writable(self, name: LogName) -> _Stream:
@@ -182,6 +236,10 @@ class LogStreams:
         stream.finished = True
         stream.truncated = stream.truncated or truncated
         stream.finished_at = self.clock()
+        self._open.pop(stream.name.stream_id, None)
+        # kept for late readers; one that nothing was written to only briefly
+        # (most actions print nothing: they must not fill the memory)
+        (self._ended if stream.data else self._ended_empty).append(stream)
         stream.wake()
 
     # -- readers -------------------------------------------------------------------
@@ -227,21 +285,24 @@ class LogStreams:
         return stream
 
     def expire(self) -> None:
-        """Finish streams whose writer went silent; drop those kept long enough."""
+        """Finish streams whose writer went silent; drop those kept long enough
+        (looked at most once a second: it costs a pass over the unfinished ones)."""
         now = self.clock()
-        for stream in list(self._streams.values()):
-            if not stream.finished and now - stream.touched >= self.limits.idle_timeout:
+        if now - self._expired_at < 1.0:
+            return
+        self._expired_at = now
+        for stream in list(self._open.values()):
+            if now - stream.touched >= self.limits.idle_timeout:
                 self._finish(stream)
-            if stream.finished and now - stream.finished_at >= self.limits.keep_for:
-                self._drop(stream)
+        for ended, kept in ((self._ended, self.limits.keep_for),
+                            (self._ended_empty, min(self.limits.keep_for, EMPTY_KEEP))):
+            while ended and now - ended[0].finished_at >= kept:
+                self._drop(ended.popleft())
 
     def _make_room(self, size: int) -> None:
         """Drop the oldest finished streams until `size` more bytes fit."""
-        for stream in list(self._streams.values()):
-            if self._total + size <= self.limits.max_total_size:
-                return
-            if stream.finished:
-                self._drop(stream)
+        while self._ended and self._total + size > self.limits.max_total_size:
+            self._drop(self._ended.popleft())
         if self._total + size > self.limits.max_total_size:
             raise ResourceExhausted(
                 f"the server's log streams hold {self._total} bytes, their limit "
@@ -249,6 +310,10 @@ class LogStreams:
                 "is not kept")
 
     def _drop(self, stream: _Stream) -> None:
+        self._open.pop(stream.name.stream_id, None)
         if self._streams.pop(stream.name.stream_id, None) is stream:
             self._total -= len(stream.data)
             stream.wake()  # readers still waiting find it gone
+        if len(self._actions) > len(self._streams):  # forget runs whose streams are gone
+            self._actions = {key: output for key, output in self._actions.items()
+                             if self._kept(output.stdout[0]) or self._kept(output.stderr[0])}

@@ -24,6 +24,8 @@ from buildfleet.server.execution.service import (
     scheduler_for_operation,
 )
 from buildfleet.server.instance import Instances
+from buildfleet.server.logstream.metadata import with_stream_names
+from buildfleet.server.logstream.store import LogStreams
 from buildfleet.server.rpc import add_service, rpc
 
 DEFAULT_PAGE_SIZE = 100
@@ -114,8 +116,9 @@ def caller_of_operation(name: str) -> Caller | None:
 class OperationsService(operations_pb2_grpc.OperationsServicer):
     FULL_NAME = "google.longrunning.Operations"
 
-    def __init__(self, instances: Instances) -> None:
+    def __init__(self, instances: Instances, logs: LogStreams | None = None) -> None:
         self.instances = instances
+        self.logs = logs  # names the output streams of executing actions
 
     def register(self, server: grpc.aio.Server) -> None:
         add_service(server, self, operations_pb2.DESCRIPTOR.services_by_name["Operations"])
@@ -126,7 +129,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):
         scheduler = scheduler_for_operation(self.instances, request.name)
         operation = await scheduler.get_operation(request.name, caller_of_operation(request.name))
         principal.note_admin(f"read operation {request.name!r}", operation.owner)
-        return operation_proto(operation)
+        return with_stream_names(self.logs, operation.instance, operation_proto(operation))
 
     @rpc
     async def ListOperations(self, request: operations_pb2.ListOperationsRequest,  # noqa: N802
