@@ -399,3 +399,19 @@ async def test_ops_logs_follows_a_running_action_from_the_terminal(
     async with asyncio.timeout(WAIT):
         printed, _ = await done.communicate()  # from the result, once it is done
     assert (printed, done.returncode) == (b"compiling\nlinked\n", 0)
+
+
+async def test_readers_of_a_cancelled_action_end(start_server: Any, spawn_bot: Any,
+                                                 tmp_path: Path) -> None:
+    server = await start_server(SERVER_CONFIG)
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    digest = await remote.action("sh", "-c", "echo started; exec sleep 1000")
+    call = remote.execute(digest)
+    metadata = await executing_metadata(call)
+    reader = Log(server.channel).follow(metadata.stdout_stream_name)
+    await reader.has(b"started\n")
+    await remote.cancel(executing[metadata.stdout_stream_name])
+    await asyncio.wait_for(reader.done, WAIT)  # the stream ends with the action
+    assert bytes(reader.received) == b"started\n"

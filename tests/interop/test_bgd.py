@@ -31,6 +31,8 @@ from buildfleet._proto.build.bazel.remote.execution.v2 import (
 from buildfleet._proto.build.bazel.remote.execution.v2 import (
     remote_execution_pb2_grpc as re_grpc,
 )
+from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
+from buildfleet._proto.google.bytestream import bytestream_pb2_grpc as bs_grpc
 from buildfleet.digest import Digest
 
 pytestmark = pytest.mark.interop
@@ -186,3 +188,38 @@ def test_bgd_round_trips_a_directory_tree(tmp_path: Path, bgd_venv: Path, instan
     after = snapshot(target)
     assert describe(after) == describe(before)
     assert after == before
+
+
+@pytest.mark.timeout(900)  # the first run builds the bgd venv
+def test_bgd_creates_and_reads_a_log_stream_live(tmp_path: Path, bgd_venv: Path) -> None:
+    with ServeProcess.start(tmp_path / "server", data_dir=tmp_path / "data") as server:
+        remote = ["logstream", "--remote", f"http://{server.address}"]
+        created = run_bgd(bgd_venv, *remote, "create", "")
+        assert created.returncode == 0, created.stdout + created.stderr
+        names = dict(re.findall(r'^(name|write_resource_name): "([^"]+)"$', created.stdout,
+                                re.MULTILINE))
+        assert names["name"].startswith("logstreams/"), created.stdout
+        assert names["write_resource_name"].startswith(names["name"] + "/")
+
+        with grpc.insecure_channel(server.address) as channel:
+            bytestream = bs_grpc.ByteStreamStub(channel)
+
+            def write(offset: int, data: bytes, finish: bool) -> None:
+                bytestream.Write(iter([bs_pb2.WriteRequest(
+                    resource_name=names["write_resource_name"], write_offset=offset,
+                    data=data, finish_write=finish)]), timeout=30)
+
+            write(0, b"first line\n", False)
+            reader = subprocess.Popen(
+                [str(venv_python(bgd_venv)), "-c", _BGD_MAIN, *remote, "read", names["name"]],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            try:
+                assert reader.stdout is not None
+                assert reader.stdout.readline() == b"first line\n"  # unfinished: it waits
+                assert reader.poll() is None
+                write(11, b"second line\n", True)
+                out, err = reader.communicate(timeout=BGD_TIMEOUT)
+            finally:
+                reader.kill()
+        assert reader.returncode == 0, err
+        assert out == b"second line\n"

@@ -156,6 +156,8 @@ class BaseBotsService:
                      (context.invocation_metadata() or ()))
         told: dict[str, tuple[str, str]] = {}
         for lease in leases:
+            if lease.state == LeaseState.CANCELLED and lease.id in runs:
+                logs.end_action(*runs.pop(lease.id))  # readers of a cancelled action end
             if lease.state not in (LeaseState.ACTIVE, LeaseState.PENDING) or lease.id in runs:
                 continue
             action = f"{lease.action_digest.hash}/{lease.action_digest.size_bytes}"
