@@ -253,18 +253,30 @@ async def executing_metadata(call: Any) -> re_pb2.ExecuteOperationMetadata:
 executing: dict[str, str] = {}  # stdout stream name -> its operation's name
 
 
-async def test_a_running_actions_output_is_read_live_and_ends_with_it(
-        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
+@pytest.fixture
+async def grid(start_server: Any, spawn_bot: Any) -> tuple[Any, Remote]:
+    """A server (embedded scheduler) with one registered `buildfleet bot`."""
     server = await start_server(SERVER_CONFIG)
     bot = spawn_bot(server.address)
     await bot.registered()
-    remote = Remote(server.channel)
-    go = tmp_path / "go"
+    return server, Remote(server.channel)
+
+
+async def running(remote: Remote, before: str, go: Path, after: str = "true"
+                  ) -> tuple[Any, re_pb2.ExecuteOperationMetadata]:
+    """Execute `before`, then wait for the file `go`, then `after`: the call, and the
+    metadata of the update that names its streams (it runs by then)."""
     digest = await remote.action(
-        "sh", "-c", f"echo first; echo oops >&2; while [ ! -e {go} ]; do sleep 0.05; done; "
-        "echo second")
+        "sh", "-c", f"{before}; while [ ! -e {go} ]; do sleep 0.05; done; {after}")
     call = remote.execute(digest)
-    metadata = await executing_metadata(call)
+    return call, await executing_metadata(call)
+
+
+async def test_a_running_actions_output_is_read_live_and_ends_with_it(
+        grid: tuple[Any, Remote], tmp_path: Path) -> None:
+    server, remote = grid
+    go = tmp_path / "go"
+    call, metadata = await running(remote, "echo first; echo oops >&2", go, "echo second")
     assert metadata.stdout_stream_name.startswith("logstreams/")
     assert metadata.stderr_stream_name != metadata.stdout_stream_name
     # GetOperation and WaitExecution name the same streams while it runs
@@ -297,17 +309,11 @@ async def test_a_running_actions_output_is_read_live_and_ends_with_it(
     assert await remote.blob(result.result.stdout_digest) == b"first\nsecond\n"
 
 
-async def test_a_burst_of_output_goes_in_few_calls(start_server: Any, spawn_bot: Any,
+async def test_a_burst_of_output_goes_in_few_calls(grid: tuple[Any, Remote],
                                                    tmp_path: Path) -> None:
-    server = await start_server(SERVER_CONFIG)
-    bot = spawn_bot(server.address)
-    await bot.registered()
-    remote = Remote(server.channel)
+    server, remote = grid
     go = tmp_path / "go"
-    digest = await remote.action(
-        "sh", "-c", f"seq 1 20000; while [ ! -e {go} ]; do sleep 0.05; done; echo end")
-    call = remote.execute(digest)
-    metadata = await executing_metadata(call)
+    call, metadata = await running(remote, "seq 1 20000", go, "echo end")
     expected = "".join(f"{n}\n" for n in range(1, 20001)).encode()
     reader = Log(server.channel).follow(metadata.stdout_stream_name)
     await reader.has(expected)
@@ -321,15 +327,10 @@ async def test_a_burst_of_output_goes_in_few_calls(start_server: Any, spawn_bot:
 
 
 async def test_writes_by_anyone_but_the_bot_holding_the_lease_are_refused(
-        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
-    server = await start_server(SERVER_CONFIG)
-    bot = spawn_bot(server.address)
-    await bot.registered()
-    remote = Remote(server.channel)
+        grid: tuple[Any, Remote], tmp_path: Path) -> None:
+    server, remote = grid
     go = tmp_path / "go"
-    digest = await remote.action("sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done")
-    call = remote.execute(digest)
-    metadata = await executing_metadata(call)
+    call, metadata = await running(remote, "true", go)
     log = Log(server.channel)
     for forged in (metadata.stdout_stream_name, metadata.stdout_stream_name + "/guess"):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -363,17 +364,11 @@ def test_an_actions_streams_last_for_its_run_and_silent_ones_go_soon() -> None:
 
 
 async def test_ops_logs_follows_a_running_action_from_the_terminal(
-        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
-    server = await start_server(SERVER_CONFIG)
-    bot = spawn_bot(server.address)
-    await bot.registered()
-    remote = Remote(server.channel)
+        grid: tuple[Any, Remote], tmp_path: Path) -> None:
+    server, remote = grid
     go = tmp_path / "go"
-    digest = await remote.action(
-        "sh", "-c", f"echo compiling; echo warning >&2; while [ ! -e {go} ]; do sleep 0.05; "
-        "done; echo linked")
-    call = remote.execute(digest)
-    metadata = await executing_metadata(call)
+    call, metadata = await running(remote, "echo compiling; echo warning >&2", go,
+                                   "echo linked")
     name = executing[metadata.stdout_stream_name]
     command = [sys.executable, "-m", "buildfleet", "ops", "logs", name,
                "--server", f"grpc://{server.address}"]
@@ -401,15 +396,10 @@ async def test_ops_logs_follows_a_running_action_from_the_terminal(
     assert (printed, done.returncode) == (b"compiling\nlinked\n", 0)
 
 
-async def test_readers_of_a_cancelled_action_end(start_server: Any, spawn_bot: Any,
+async def test_readers_of_a_cancelled_action_end(grid: tuple[Any, Remote],
                                                  tmp_path: Path) -> None:
-    server = await start_server(SERVER_CONFIG)
-    bot = spawn_bot(server.address)
-    await bot.registered()
-    remote = Remote(server.channel)
-    digest = await remote.action("sh", "-c", "echo started; exec sleep 1000")
-    call = remote.execute(digest)
-    metadata = await executing_metadata(call)
+    server, remote = grid
+    call, metadata = await running(remote, "echo started", tmp_path / "never")
     reader = Log(server.channel).follow(metadata.stdout_stream_name)
     await reader.has(b"started\n")
     await remote.cancel(executing[metadata.stdout_stream_name])
