@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from botprocess import SERVER_CONFIG, Remote
+from botprocess import SERVER_CONFIG, Remote, wait_for
 from google.longrunning import operations_pb2, operations_pb2_grpc
+from webkit import Visitor, page_url, web_config
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
@@ -405,3 +407,43 @@ async def test_readers_of_a_cancelled_action_end(grid: tuple[Any, Remote],
     await remote.cancel(executing[metadata.stdout_stream_name])
     await asyncio.wait_for(reader.done, WAIT)  # the stream ends with the action
     assert bytes(reader.received) == b"started\n"
+
+
+async def test_the_web_page_follows_a_running_actions_output(
+        start_server: Any, spawn_bot: Any, tmp_path: Path) -> None:
+    server = await start_server(web_config())
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    call, metadata = await running(remote, "echo '<b>building</b>'", go, "echo done")
+    name = executing[metadata.stdout_stream_name]
+    visitor = Visitor(page_url(server, ""))
+    try:
+        status, page, _ = await visitor.get("/operation?" + urlencode({"name": name}))
+        assert status == 200 and 'data-output="stdout"' in page
+
+        async def output(offset: int) -> tuple[str, int, bool]:
+            status, text, response = await visitor.get("/output?" + urlencode(
+                {"name": name, "stream": "stdout", "offset": offset}))
+            assert status == 200, text
+            assert response.content_type == "text/plain"  # never HTML
+            return (text, int(response.headers["X-Output-Next"]),
+                    response.headers["X-Output-Complete"] == "1")
+
+        async def printed() -> tuple[str, int, bool] | None:
+            answer = await output(0)
+            return answer if answer[0] else None
+
+        text, offset, complete = await wait_for(printed, "the output on the page")
+        assert (text, offset, complete) == ("<b>building</b>\n", 16, False)
+        assert await output(offset) == ("", offset, False)
+        status, refused, _ = await visitor.get("/output?" + urlencode(
+            {"name": name, "stream": "nonsense"}))
+        assert status == 400 and "stream must be stdout or stderr" in refused
+        go.touch()
+        async with asyncio.timeout(WAIT):
+            await remote.client.result(call)
+        assert (await output(offset))[2] is True  # ended: the result has it all
+    finally:
+        await visitor.close()

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from botkit import Client, StubBot, action_result, leased_action, poll_leases
-from botprocess import wait_for
+from botprocess import Remote, wait_for
 from webkit import Browser, page_url, require_browser, web_config
 
 from buildfleet._proto.buildfleet.admin.v1 import admin_pb2, admin_pb2_grpc
@@ -97,3 +98,44 @@ def lease_digest(lease: Any) -> str:
 
 async def _title_is(browser: Browser, title: str) -> bool:
     return bool(await browser.script(f"return document.title.startsWith({title!r});"))
+
+
+async def test_an_operator_reads_a_running_actions_output(start_server: Any, spawn_bot: Any,
+                                                          tmp_path: Path) -> None:
+    require_browser()
+    server = await start_server(web_config())
+    bot = spawn_bot(server.address)
+    await bot.registered()
+    remote = Remote(server.channel)
+    go = tmp_path / "go"
+    digest = await remote.action(
+        "sh", "-c", f"echo compiling main.c; echo 'warning: <unused>' >&2; "
+        f"while [ ! -e {go} ]; do sleep 0.05; done; echo linked")
+    call = remote.execute(digest)
+    name = await wait_for(lambda: _executing(server), "the operation to run")
+    browser = await Browser.start(tmp_path)
+    try:
+        await browser.open(page_url(server, "/operation?" + urlencode({"name": name})))
+
+        async def shows(selector: str, text: str) -> bool:
+            return await browser.text(selector) == text
+
+        await wait_for(lambda: shows("pre.output.stdout", "compiling main.c"),
+                       "stdout on the page while the action runs")
+        await wait_for(lambda: shows("pre.output.stderr", "warning: <unused>"),
+                       "stderr as text, not markup")
+        await browser.screenshot(tmp_path / "output.png")
+        go.touch()
+        await wait_for(lambda: shows("pre.output.stdout", "compiling main.c\nlinked"),
+                       "the rest of the output")
+        await wait_for(lambda: shows(".output-state", "The action has ended: its whole "
+                                     "output is in its result."), "the end of the output")
+        await remote.client.result(call)
+    finally:
+        await browser.close()
+
+
+async def _executing(server: Any) -> str | None:
+    answer = await admin_pb2_grpc.AdminStub(server.channel).ListOperations(
+        admin_pb2.ListOperationsRequest(stage="EXECUTING"))
+    return answer.operations[0].name if answer.operations else None

@@ -68,6 +68,7 @@ class BuildfleetServer:
         # Output streams live in this process: named in operations only where the
         # bots that write them and the clients that read them meet here.
         named = None if is_postgres_url(config.database) else self.logs
+        self.named_logs = named
         if self.instances.schedulers():
             self.bots = BotsService(self.instances, logs=named)
             self.services += [
@@ -144,7 +145,8 @@ class BuildfleetServer:
             await asyncio.to_thread(self.metrics_endpoint.start)
         if self.config.web.listen is not None:
             host, port = parse_listen_address(self.config.web.listen)
-            self.web_endpoint = WebEndpoint(Pages(self.instances, AdminCalls(self.admin, guard)),
+            self.web_endpoint = WebEndpoint(Pages(self.instances, AdminCalls(self.admin, guard),
+                                                   self.named_logs),
                                             host.strip("[]"), port, web_ssl)
             await self.web_endpoint.start()
         for name in ["", *names]:

@@ -49,6 +49,7 @@ SEGMENT = "logstreams"
 MiB = 1024 * 1024
 READ_CHUNK = 64 * 1024
 EMPTY_KEEP = 10.0  # seconds a finished stream that nothing was written to is kept
+MAX_LAST_RUNS = 10_000  # ended runs whose streams can still be found by their action
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class LogStreams:
         self._total = 0
         # (instance, action digest "hash/size") -> the streams of its current run
         self._actions: dict[tuple[str, str], ActionOutput] = {}
+        self._last_runs: OrderedDict[tuple[str, str], ActionOutput] = OrderedDict()
         self.write_calls = 0  # ByteStream Write calls to streams (one may carry many writes)
 
     # -- the output of running actions ---------------------------------------------
@@ -153,13 +155,27 @@ class LogStreams:
     def end_action(self, instance_name: str, action: str) -> None:
         """The run of `action` ended: finish its streams (readers get the rest and
         stop) and forget them, so that a later run gets streams of its own."""
-        output = self._actions.pop((instance_name, action), None)
+        key = (instance_name, action)
+        output = self._actions.pop(key, None)
         if output is None:
             return
+        self._last_runs[key] = output
+        self._last_runs.move_to_end(key)
+        while len(self._last_runs) > MAX_LAST_RUNS:
+            self._last_runs.popitem(last=False)
         for read_name, _ in (output.stdout, output.stderr):
             stream = self._streams.get(parse_log_name(read_name).stream_id)
             if stream is not None and not stream.finished:
                 self._finish(stream)
+
+    def latest(self, instance_name: str, action: str) -> ActionOutput | None:
+        """The streams of the run of `action` under way, or else of its last run while
+        they are kept; None when there are neither (never creates any)."""
+        key = (instance_name, action)
+        output = self._actions.get(key) or self._last_runs.get(key)
+        if output is None or not (self._kept(output.stdout[0]) or self._kept(output.stderr[0])):
+            return None
+        return output
 
     def _kept(self, read_name: str) -> bool:
         return parse_log_name(read_name).stream_id in self._streams
@@ -272,6 +288,16 @@ class LogStreams:
             await changed.wait()
             if self._streams.get(name.stream_id) is not stream:
                 raise NotFound(f"log stream {name.read_name!r} expired while it was read")
+
+    def snapshot(self, name: LogName, offset: int, limit: int) -> tuple[bytes, bool]:
+        """What a stream holds from `offset` (at most `limit` bytes) right now, and
+        whether nothing more will come after it; never waits."""
+        stream = self._find(name)
+        if offset < 0 or offset > len(stream.data):
+            raise OutOfRange(f"offset {offset} is outside log stream {name.read_name!r} "
+                             f"({len(stream.data)} bytes so far)")
+        data = bytes(stream.data[offset:offset + limit])
+        return data, stream.finished and offset + len(data) == len(stream.data)
 
     # -- housekeeping --------------------------------------------------------------
 

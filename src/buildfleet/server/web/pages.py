@@ -35,9 +35,10 @@ from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
 from buildfleet.auth.principal import Principal
 from buildfleet.config.security import Role
 from buildfleet.digest import Digest
-from buildfleet.errors import BuildfleetError
+from buildfleet.errors import BuildfleetError, NotFound
 from buildfleet.server.execution.service import instance_of_operation
 from buildfleet.server.instance import Instances
+from buildfleet.server.logstream.store import LogStreams, parse_log_name
 from buildfleet.server.web.calls import AdminCalls, CallFailed, Credentials, certificate_context
 
 COOKIE = "buildfleet_token"
@@ -46,6 +47,7 @@ REQUEST_HEADER = "X-Buildfleet-Request"  # every change the page sends carries i
 PAGE_SIZE = 50
 BOTS_SHOWN = 500  # bots listed on the bots page at most (the filter finds the others)
 BLOB_SHOWN = 8 * 1024 * 1024  # the largest stdout/stderr blob the page shows
+OUTPUT_CHUNK = 256 * 1024  # the most of a running action's output one poll fetches
 STATUSES = ("OK", "UNHEALTHY", "HOST_REBOOTING", "BOT_TERMINATING", "INITIALIZING")
 
 SECURITY_HEADERS = {
@@ -165,9 +167,11 @@ VISITOR: web.RequestKey[Principal | None] = web.RequestKey("visitor")
 class Pages:
     """The web application of one server."""
 
-    def __init__(self, instances: Instances, calls: AdminCalls) -> None:
+    def __init__(self, instances: Instances, calls: AdminCalls,
+                 logs: LogStreams | None = None) -> None:
         self.instances = instances
         self.calls = calls
+        self.logs = logs  # the live output of running actions, where it is streamed
         self.templates = _environment()
         self.names = [i.name for i in instances if i.scheduler is not None]
         self.app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
@@ -175,7 +179,8 @@ class Pages:
             web.get("/", self.overview), web.get("/bots", self.bots),
             web.get("/bot", self.bot), web.get("/queues", self.queues),
             web.get("/operations", self.operations), web.get("/operation", self.operation),
-            web.get("/blob", self.blob), web.get("/login", self.login_page),
+            web.get("/blob", self.blob), web.get("/output", self.output),
+            web.get("/login", self.login_page),
             web.post("/login", self.login), web.post("/logout", self.logout),
             web.post("/api/drain", self.drain), web.post("/api/undrain", self.undrain),
             web.post("/api/cancel", self.cancel),
@@ -374,7 +379,44 @@ class Pages:
                            detail=detail, summary=detail.summary,
                            command=shlex.join(detail.arguments),
                            timeline=_timeline(detail.execution_metadata),
-                           admin=self.may_admin(request, instance))
+                           admin=self.may_admin(request, instance),
+                           streamed=self.logs is not None)
+
+    async def output(self, request: web.Request) -> web.Response:
+        """What a running action has printed from `offset` (plain text, at most
+        OUTPUT_CHUNK bytes); headers say where the next read starts and whether the
+        output is complete.  Only for a visitor who may see the operation."""
+        name = request.query.get("name", "")
+        which = request.query.get("stream", "stdout")
+        offset = request.query.get("offset", "0")
+        detail = await self.call(request, "GetOperation",
+                                 admin_pb2.GetOperationRequest(name=name))
+        if which not in ("stdout", "stderr") or not offset.isdigit():
+            raise CallFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                             "stream must be stdout or stderr, offset a whole number")
+        summary = detail.summary
+        data, finished = b"", True
+        if self.logs is not None and summary.stage != "QUEUED":
+            digest = summary.action_digest
+            action = f"{digest.hash}/{digest.size_bytes}"
+            instance = instance_of_operation(name)
+            # while it runs, its streams; once it is done, those of its last run (the
+            # end of the output may come after the operation is done)
+            output = self.logs.for_action(instance, action) if summary.stage == "EXECUTING" \
+                else self.logs.latest(instance, action)
+            if output is not None:
+                read_name = output.stdout[0] if which == "stdout" else output.stderr[0]
+                try:
+                    data, finished = self.logs.snapshot(parse_log_name(read_name),
+                                                        int(offset), OUTPUT_CHUNK)
+                except NotFound:  # gone meanwhile: the result has the output
+                    data, finished = b"", True
+                except BuildfleetError as error:
+                    raise CallFailed(error.code, error.message) from None
+        return web.Response(body=data, content_type="text/plain", charset="utf-8",
+                            headers={"X-Output-Next": str(int(offset) + len(data)),
+                                     "X-Output-Complete": "1" if finished else "0",
+                                     "Cache-Control": "no-store"})
 
     async def blob(self, request: web.Request) -> web.Response:
         """A stdout or stderr blob as plain text (never rendered as HTML)."""

@@ -85,6 +85,41 @@
     if (event.target.matches("select[data-autosubmit]")) { event.target.form.submit(); }
   });
 
+  // A running action's output: each <pre data-output> fetches what was added since
+  // its last poll until the server says the output is complete.
+  var OUTPUT_MS = 1000;
+  var outputs = Array.prototype.slice.call(document.querySelectorAll("pre[data-output]"));
+  var state = document.querySelector(".output-state");
+
+  function follow(pre) {
+    var offset = Number(pre.getAttribute("data-offset") || "0");
+    var url = "/output?name=" + encodeURIComponent(pre.dataset.name) +
+      "&stream=" + encodeURIComponent(pre.dataset.output) + "&offset=" + offset;
+    return fetch(url, { credentials: "same-origin", cache: "no-store" }).then(function (response) {
+      if (response.status === 401) { toLogin(); return; }
+      if (!response.ok) { pre.setAttribute("data-complete", "1"); return; }
+      var next = response.headers.get("X-Output-Next") || String(offset);
+      var complete = response.headers.get("X-Output-Complete") === "1";
+      return response.text().then(function (text) {
+        pre.appendChild(document.createTextNode(text));  // text, never HTML
+        pre.setAttribute("data-offset", next);
+        if (complete) { pre.setAttribute("data-complete", "1"); }
+      });
+    }).catch(function () {
+      // the next tick tries again
+    });
+  }
+
+  function followAll() {
+    var running = outputs.filter(function (pre) { return !pre.hasAttribute("data-complete"); });
+    if (outputs.length && !running.length) {
+      if (state) { state.textContent = "The action has ended: its whole output is in its result."; }
+      return;
+    }
+    Promise.all(running.map(follow)).then(function () { window.setTimeout(followAll, OUTPUT_MS); });
+  }
+
+  if (outputs.length) { followAll(); }
   document.addEventListener("visibilitychange", refresh);
   window.setInterval(refresh, PERIOD_MS);
 }());
