@@ -141,6 +141,15 @@ class BaseBotsService:
 
     logs: LogStreams | None = None  # set to stream the output of running actions
     _runs: OrderedDict[str, tuple[str, str]]  # lease id -> (instance, action "hash/size")
+    _run_of: dict[tuple[str, str], str]  # (instance, action) -> the lease running it
+
+    def _end_run(self, lease_id: str) -> None:
+        run = self._runs.pop(lease_id, None)
+        if run is not None:
+            if self._run_of.get(run) == lease_id:
+                del self._run_of[run]
+            assert self.logs is not None
+            self.logs.end_action(*run)
 
     def _output_streams(self, instance_name: str, reported: Iterable[bots_pb2.Lease],
                         leases: Iterable[Lease], context: grpc.aio.ServicerContext) -> None:
@@ -151,23 +160,26 @@ class BaseBotsService:
         runs = self._runs
         for report in reported:
             if report.state == bots_pb2.LeaseState.COMPLETED and report.id in runs:
-                logs.end_action(*runs.pop(report.id))
+                self._end_run(report.id)
         wanted = any(key == logstreams.WANTED for key, _ in
                      (context.invocation_metadata() or ()))
         told: dict[str, tuple[str, str]] = {}
         for lease in leases:
             if lease.state == LeaseState.CANCELLED and lease.id in runs:
-                logs.end_action(*runs.pop(lease.id))  # readers of a cancelled action end
+                self._end_run(lease.id)  # readers of a cancelled action end
             if lease.state not in (LeaseState.ACTIVE, LeaseState.PENDING) or lease.id in runs:
                 continue
-            action = f"{lease.action_digest.hash}/{lease.action_digest.size_bytes}"
-            for earlier, run in list(runs.items()):  # a retry: the failed run's streams end
-                if run == (instance_name, action):
-                    logs.end_action(*runs.pop(earlier))
-            runs[lease.id] = (instance_name, action)
+            run = (instance_name, f"{lease.action_digest.hash}/{lease.action_digest.size_bytes}")
+            earlier = self._run_of.get(run)
+            if earlier is not None:  # a retry: the failed run's streams end
+                self._end_run(earlier)
+            runs[lease.id] = run
+            self._run_of[run] = lease.id
             while len(runs) > MAX_RUNS:
-                runs.popitem(last=False)
-            output = logs.for_action(instance_name, action) if wanted else None
+                forgotten, old = runs.popitem(last=False)
+                if self._run_of.get(old) == forgotten:
+                    del self._run_of[old]
+            output = logs.for_action(*run) if wanted else None
             if output is not None:
                 told[lease.id] = (output.stdout[1], output.stderr[1])
         if told:  # see buildfleet.client.logstreams
@@ -293,7 +305,7 @@ class BotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     def __init__(self, schedulers: Mapping[str, SchedulerAPI] | Any = None,
                  logs: LogStreams | None = None) -> None:
         self.logs = logs
-        self._runs = OrderedDict()
+        self._runs, self._run_of = OrderedDict(), {}
         self._schedulers: dict[str, SchedulerAPI] = {}
         if schedulers is not None:
             items = (schedulers.items() if isinstance(schedulers, Mapping)
@@ -351,7 +363,7 @@ class UninstancedBotsService(bots_pb2_grpc.BotsServicer, BaseBotsService):
     def __init__(self, scheduler: SchedulerAPI, logs: LogStreams | None = None) -> None:
         self._scheduler = scheduler
         self.logs = logs
-        self._runs = OrderedDict()
+        self._runs, self._run_of = OrderedDict(), {}
 
     async def start(self) -> None:
         """Start the scheduler's store (unless already started) and the scheduler itself."""
