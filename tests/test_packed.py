@@ -1,9 +1,9 @@
 """The packed store of small blobs (storage/packed.py) and what it promises beyond
 the behaviour every store shares (tests/test_storage.py): group commits, all or
 nothing after SIGKILL in the middle of a batch, several processes on one file,
-corrupted rows found by the CAS, eviction that hands space back, and a data
-directory of the earlier one-file-per-blob layout taken over without losing a
-blob."""
+corrupted rows found by the CAS, eviction that hands space back (also while others
+read), FindMissingBlobs after a restart, and a data directory of the earlier
+one-file-per-blob layout taken over without losing a blob."""
 
 from __future__ import annotations
 
@@ -276,3 +276,66 @@ async def test_a_data_directory_of_the_earlier_layout_keeps_working(
     with sqlite3.connect(data_dir / "default" / "cas.sqlite3") as db:
         stored = {bytes(row[0]) for row in db.execute("SELECT data FROM blobs")}
     assert {small, fresh} <= stored
+
+
+async def test_eviction_and_compaction_leave_concurrent_reads_whole(tmp_path: Path) -> None:
+    path = tmp_path / "packed.sqlite3"
+    store = SizeLimitedStore(PackedStore(path), 1024 * 1024)
+    await store.start()
+    try:
+        written: list[tuple[Digest, bytes]] = []
+        wrong: list[Digest] = []
+        reads = 0
+        done = asyncio.Event()
+
+        async def reader() -> None:
+            nonlocal reads
+            while not done.is_set():
+                for digest, data in list(written[-20:]):  # recent ones, some evicted meanwhile
+                    found = await store.get(digest)
+                    reads += 1
+                    if found is not None and found != data:
+                        wrong.append(digest)
+                await asyncio.sleep(0)
+
+        readers = [asyncio.create_task(reader()) for _ in range(3)]
+        for start in range(0, 400, 8):  # 16 MB through a 1 MiB store
+            batch = [blob(n, 40_000) for n in range(start, start + 8)]
+            await store.put_many(batch)
+            written.extend(batch)
+        done.set()
+        await asyncio.gather(*readers)
+        assert wrong == [] and reads > 100
+        missing = set(await store.find_missing([d for d, _ in written]))
+        kept = [(d, data) for d, data in written if d not in missing]
+        # least recently used go first (the readers' reads count as use): the last
+        # batch written is kept, and no more than the bound
+        assert all(d not in missing for d, _ in written[-8:])
+        assert sum(len(data) for _, data in kept) <= 1024 * 1024
+        for digest, data in kept:
+            assert await store.get(digest) == data
+        with sqlite3.connect(path) as db:
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+        assert pages * 4096 < 6 * 1024 * 1024  # evicted space went back, not 16 MB
+    finally:
+        await store.close()
+
+
+async def test_find_missing_blobs_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "packed.sqlite3"
+    stored = [blob(n) for n in range(500)]
+    absent = [blob(n)[0] for n in range(500, 600)]
+    first = PackedStore(path)
+    await first.start()
+    try:
+        await first.put_many(stored)
+        assert set(await first.find_missing([d for d, _ in stored] + absent)) == set(absent)
+    finally:
+        await first.close()
+    again = PackedStore(path)  # a new process on the same file
+    await again.start()
+    try:
+        assert set(await again.find_missing([d for d, _ in stored] + absent)) == set(absent)
+        assert await again.get(stored[7][0]) == stored[7][1]
+    finally:
+        await again.close()

@@ -168,6 +168,43 @@ async def test_full_disk_refuses_writes_and_keeps_serving_reads(tmp_path: Path,
         assert not log_has_no_traceback(server.output())
 
 
+async def test_full_disk_refuses_packed_writes_and_keeps_serving_reads(
+        tmp_path: Path, small_disk: Path) -> None:
+    """The same promises from the packed store of small blobs (its SQLite file on the
+    full disk): a write that does not fit fails alone and leaves nothing behind."""
+    config = {"instances": {"": {"cas": {"type": "packed",
+                                          "path": str(small_disk / "cas.sqlite3")}}}}
+    async with serving(tmp_path / "server", tmp_path / "data", config) as (server, channel):
+        stored = [os.urandom(64 * 1024) for _ in range(8)]
+        assert await batch_update(channel, *stored[:4]) == [code_pb2.OK] * 4
+        for data in stored[4:]:
+            assert await batch_update(channel, data) == [code_pb2.OK]
+        filler = small_disk / "filler"  # leaves less than 1 MiB free
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        filler.write_bytes(b"\0" * (free - 512 * 1024))
+
+        too_big = os.urandom(MiB)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bs_grpc.ByteStreamStub(channel).Write(write_requests(too_big))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "full" in (caught.value.details() or "")
+        codes = await batch_update(channel, os.urandom(MiB - 4096))
+        assert codes == [code_pb2.RESOURCE_EXHAUSTED]
+        assert await find_missing(channel, proto_digest(too_big)) == [proto_digest(too_big)]
+
+        entries = await batch_read(channel, *(proto_digest(d) for d in stored))
+        assert [(e.status.code, e.data) for e in entries] == [(0, d) for d in stored]
+
+        filler.unlink()  # room again: the same upload goes through
+        response = await bs_grpc.ByteStreamStub(channel).Write(write_requests(too_big))
+        assert response.committed_size == len(too_big)
+        digest = proto_digest(too_big)
+        received, code = await read_stream(channel, f"blobs/{digest.hash}/{digest.size_bytes}")
+        assert code == grpc.StatusCode.OK and received == too_big
+        assert server.running()
+        assert not log_has_no_traceback(server.output())
+
+
 async def rpc_error_of(call: object) -> grpc.StatusCode:
     try:
         await call  # type: ignore[misc]

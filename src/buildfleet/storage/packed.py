@@ -303,7 +303,10 @@ class PackedStore(WholeBlobStore):
             connection.execute("COMMIT")
             self.commits += 1
         except BaseException:
-            connection.execute("ROLLBACK")
+            # SQLite may have rolled back already (a full disk does): the error that
+            # stopped the transaction is the one to report, not ROLLBACK's
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
             raise
         if self._freed >= _VACUUM_AFTER:
             self._freed = 0
