@@ -67,8 +67,7 @@ class BuildfleetServer:
         self.admin = AdminService(self.instances)
         # Output streams live in this process: named in operations only where the
         # bots that write them and the clients that read them meet here.
-        named = None if is_postgres_url(config.database) else self.logs
-        self.named_logs = named
+        self.named_logs = named = None if is_postgres_url(config.database) else self.logs
         if self.instances.schedulers():
             self.bots = BotsService(self.instances, logs=named)
             self.services += [

@@ -50,16 +50,18 @@ def _named(request: Any) -> str:
     return str(request.instance_name)
 
 
+def _instance_of(name: str, parse_cas_name: Callable[[str], Any]) -> str:
+    """The instance of a ByteStream resource: a log stream's, or a CAS name's."""
+    parse = parse_log_name if is_log_name(name) else parse_cas_name
+    return str(parse(name).instance_name)
+
+
 def _read_resource(request: Any) -> str:
-    if is_log_name(request.resource_name):
-        return parse_log_name(request.resource_name).instance_name
-    return parse_read(request.resource_name).instance_name
+    return _instance_of(request.resource_name, parse_read)
 
 
 def _write_resource(request: Any) -> str:
-    if is_log_name(request.resource_name):
-        return parse_log_name(request.resource_name).instance_name
-    return parse_write(request.resource_name).instance_name
+    return _instance_of(request.resource_name, parse_write)
 
 
 def _write_roles(request: Any) -> frozenset[Role]:

@@ -53,7 +53,7 @@ from buildfleet.errors import (
 )
 from buildfleet.server.bytestream.resource import ResourceName, parse_read, parse_write, quote
 from buildfleet.server.instance import Instances
-from buildfleet.server.logstream.store import LogStreams, is_log_name, parse_log_name
+from buildfleet.server.logstream.store import LogName, LogStreams, is_log_name, parse_log_name
 from buildfleet.server.rpc import add_service, rpc
 from buildfleet.storage.cas import Cas, VerifyingWriter
 
@@ -301,11 +301,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             await chunks.aclose()
             await reader.close()
 
+    def _log_name(self, resource_name: str) -> LogName:
+        """A log stream name, of an instance this server serves."""
+        name = parse_log_name(resource_name)
+        self.instances.get(name.instance_name)
+        return name
+
     async def _read_log(self, request: bs_pb2.ReadRequest,
                         context: grpc.aio.ServicerContext) -> None:
         assert self.logs is not None
-        name = parse_log_name(request.resource_name)
-        self.instances.get(name.instance_name)
+        name = self._log_name(request.resource_name)
         chunks = self.logs.read(name, request.read_offset, request.read_limit)
         try:
             async for chunk in chunks:
@@ -330,8 +335,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                          requests: AsyncIterator[bs_pb2.WriteRequest]) -> bs_pb2.WriteResponse:
         """Append to a log stream, each request's bytes readable as soon as they arrive."""
         assert self.logs is not None
-        name = parse_log_name(resource_name)
-        self.instances.get(name.instance_name)
+        name = self._log_name(resource_name)
         self.logs.write_calls += 1
         request: bs_pb2.WriteRequest | None = first
         committed, _ = self.logs.committed(name)
@@ -483,9 +487,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                                context: grpc.aio.ServicerContext
                                ) -> bs_pb2.QueryWriteStatusResponse:
         if self.logs is not None and is_log_name(request.resource_name):
-            name = parse_log_name(request.resource_name)
-            self.instances.get(name.instance_name)
-            size, finished = self.logs.committed(name)
+            size, finished = self.logs.committed(self._log_name(request.resource_name))
             return bs_pb2.QueryWriteStatusResponse(committed_size=size, complete=finished)
         resource = parse_write(request.resource_name)
         instance = self.instances.get(resource.instance_name)
