@@ -35,6 +35,9 @@ REAPI_SERVICES = {
     "build.bazel.remote.execution.v2.ActionCache",
     "build.bazel.remote.execution.v2.Capabilities",
     "google.bytestream.ByteStream",
+    # what REAPI's Capabilities cannot say: the Remote Asset API is served
+    "build.bazel.remote.asset.v1.Fetch",
+    "build.bazel.remote.asset.v1.Push",
 }
 RPC_TIMEOUT = 10.0
 

@@ -220,6 +220,13 @@ async def test_with_authentication_every_page_needs_the_role(start_server: Any,
         assert client_of["alice-op"] in html and client_of["bob-op"] not in html
         status, html, _ = await alice.get(f"/operation?name={client_of['bob-op']}")
         assert status in (403, 404) and 'class="action-digest"' not in html
+        # nor its output, live or not (a refusal, not an empty answer)
+        status, body, response = await alice.get(
+            f"/output?name={client_of['bob-op']}&stream=stdout&offset=0")
+        assert status in (403, 404) and "X-Output-Next" not in response.headers, body
+        status, _, response = await bob.get(
+            f"/output?name={client_of['bob-op']}&stream=stdout&offset=0")
+        assert status == 200 and response.headers["X-Output-Complete"] in ("0", "1")
         status, html, _ = await admin.get("/operations")
         assert client_of["alice-op"] in html and client_of["bob-op"] in html
         status, answer = await alice.change("cancel", name=client_of["bob-op"])

@@ -1,6 +1,8 @@
 """BuildStream 2 builds remotely on buildfleet, as its users set it up: an instance of
 its own served by a bot in `--sandbox chroot` mode (the input root is the whole
-system), and `bst build` with `remote-execution` in its user configuration.
+system), and `bst build` with `remote-execution` in its user configuration.  Its
+artifacts go to the grid's artifact cache too (the Remote Asset API for the index,
+the CAS for the files), from which a second, empty local cache pulls them.
 
 The project is as small as a BuildStream project gets: a static busybox (Debian's
 `busybox-static`) imported as the system, and one `manual` element whose commands
@@ -100,8 +102,12 @@ async def test_buildstream_builds_remotely_on_a_chroot_bot(
             (tmp_path / "home").mkdir()
             service = {"url": f"http://{address}", "instance-name": "buildstream"}
             user_config = tmp_path / "buildstream.conf"
+            # the artifact cache too: its index in the Remote Asset API, its files in the CAS
+            artifacts = {"servers": [{"url": f"http://{address}", "push": True,
+                                      "instance-name": "buildstream"}]}
             user_config.write_text(yaml.safe_dump({
                 "cachedir": str(tmp_path / "bst-cache"), "logdir": str(tmp_path / "bst-logs"),
+                "artifacts": artifacts,
                 "remote-execution": {kind: dict(service) for kind in (  # (no YAML anchors)
                     "execution-service", "storage-service", "action-cache-service")}}))
             built = bst(bst_venv, project, user_config, "build", "hello.bst")
@@ -116,5 +122,19 @@ async def test_buildstream_builds_remotely_on_a_chroot_bot(
             assert "bin" in listing and "home" not in listing, listing
             leases = bot.lease_lines()
             assert any("exit code 0, status OK" in line for line in leases), bot.log()
+
+            # another machine (a cache of its own) pulls the artifact from the grid
+            elsewhere = tmp_path / "elsewhere.conf"
+            elsewhere.write_text(yaml.safe_dump({
+                "cachedir": str(tmp_path / "bst-cache-2"),
+                "logdir": str(tmp_path / "bst-logs-2"), "artifacts": artifacts}))
+            pulled = bst(bst_venv, project, elsewhere, "artifact", "pull", "hello.bst")
+            assert pulled.returncode == 0, pulled.stdout[-4000:] + pulled.stderr[-4000:]
+            assert "Pulled artifact" in pulled.stderr, pulled.stderr[-4000:]
+            again = tmp_path / "checkout-2"
+            out = bst(bst_venv, project, elsewhere, "artifact", "checkout", "hello.bst",
+                      "--directory", str(again))
+            assert out.returncode == 0, out.stderr[-4000:]
+            assert (again / "share/hello/greeting").read_text() == GREETING + "\n"
         finally:
             bot.kill()

@@ -14,6 +14,8 @@ from authkit import Keys, channel
 from conftest import RunningServer, StartServer
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
+from buildfleet._proto.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
+from buildfleet._proto.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
 from buildfleet._proto.build.bazel.remote.logstream.v1 import remote_logstream_pb2 as ls_pb2
@@ -108,6 +110,16 @@ METHODS: dict[str, tuple[Call, set[str]]] = {
     "ByteStream.Read (log stream)": (lambda ch, i: _stream(bs_grpc.ByteStreamStub(ch).Read(
         bs_pb2.ReadRequest(resource_name=(f"{i}/" if i else "") + "logstreams/nope"))),
         {"read", "execute", "bot"}),
+    "FetchBlob": (lambda ch, i: ra_grpc.FetchStub(ch).FetchBlob(ra_pb2.FetchBlobRequest(
+        instance_name=i, uris=["urn:role-test"])), {"read", "execute"}),
+    "FetchDirectory": (lambda ch, i: ra_grpc.FetchStub(ch).FetchDirectory(
+        ra_pb2.FetchDirectoryRequest(instance_name=i, uris=["urn:role-test"])),
+        {"read", "execute"}),
+    "PushBlob": (lambda ch, i: ra_grpc.PushStub(ch).PushBlob(ra_pb2.PushBlobRequest(
+        instance_name=i, uris=["urn:role-test"], blob_digest=EMPTY)), {"cache-write"}),
+    "PushDirectory": (lambda ch, i: ra_grpc.PushStub(ch).PushDirectory(
+        ra_pb2.PushDirectoryRequest(instance_name=i, uris=["urn:role-test"],
+                                    root_directory_digest=MISSING)), {"cache-write"}),
     "GetOperation": (lambda ch, i: operations_pb2_grpc.OperationsStub(ch).GetOperation(
         operations_pb2.GetOperationRequest(name=_op(i))), {"execute"}),
     "ListOperations": (lambda ch, i: operations_pb2_grpc.OperationsStub(ch).ListOperations(

@@ -63,13 +63,14 @@ from buildfleet.config.storage import (
     StorageRef,
     StorageSpec,
     default_action_cache,
+    default_assets,
     default_cas,
     instance_slug,
 )
 
 __all__ = [
-    "AuthConfig", "CertificatesConfig", "Grant", "JwtConfig", "ListenerConfig", "Role",
-    "TlsConfig",
+    "AssetsConfig", "AuthConfig", "CertificatesConfig", "Grant", "JwtConfig", "ListenerConfig",
+    "Role", "TlsConfig",
     "DEFAULT_DATA_DIR", "DEFAULT_LISTEN", "RESERVED_SEGMENTS", "STORAGE_TYPES", "ConfigError",
     "DiskStorage", "InstanceConfig", "MemoryStorage", "MetricsConfig", "PackedStorage",
     "PostgresConfig", "SplitStorage",
@@ -77,8 +78,8 @@ __all__ = [
     "PostgresStorage",
     "ReadCacheStorage", "RemoteStorage", "SchedulerConfig", "ServerConfig",
     "SizeLimitedStorage", "StorageRef", "StorageSpec", "check_database", "check_instance_name",
-    "default_action_cache", "default_cas", "instance_slug", "is_postgres_url", "load_config",
-    "parse_config", "parse_listen_address",
+    "default_action_cache", "default_assets", "default_cas", "instance_slug", "is_postgres_url",
+    "load_config", "parse_config", "parse_listen_address",
 ]
 
 
@@ -121,6 +122,8 @@ class InstanceConfig(Model):
 
     cas: StorageRef | None = None
     action_cache: StorageRef | None = None
+    # Where the Remote Asset API remembers assets (URI and qualifiers -> digest).
+    assets: StorageRef | None = None
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     allow_action_cache_updates: bool = True
     max_batch_total_size: ByteSize = Field(default=ByteSize(4 * MiB), ge=64 * 1024)
@@ -137,6 +140,32 @@ class LogStreamsConfig(Model):
     max_total_size: ByteSize = Field(default=ByteSize(256 * MiB), gt=0)
     keep_for: float = Field(default=600.0, gt=0)
     idle_timeout: float = Field(default=3600.0, gt=0)
+
+
+class AssetsConfig(Model):
+    """The Remote Asset API (Fetch and Push).  `download`: FetchBlob downloads an
+    http(s) URI it does not know yet, only under one of `allow-uris` (prefixes; empty:
+    any http:// or https:// URI), at most `max-download-size` bytes, following at most
+    `max-redirects` redirects, within the request's timeout (`download-timeout` when it
+    sets none, never more than `max-download-timeout` seconds).  `extra-qualifiers`:
+    further qualifier names accepted for pushed assets."""
+
+    enabled: bool = True
+    download: bool = True
+    allow_uris: list[str] = Field(default_factory=list)
+    max_download_size: ByteSize = Field(default=ByteSize(4 * 1024 * MiB), gt=0)
+    download_timeout: float = Field(default=300.0, gt=0)
+    max_download_timeout: float = Field(default=3600.0, gt=0)
+    max_redirects: int = Field(default=5, ge=0, le=50)
+    extra_qualifiers: list[str] = Field(default_factory=list)
+
+    @field_validator("allow_uris")
+    @classmethod
+    def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not prefix.lower().startswith(("http://", "https://")):
+                raise ValueError(f"{prefix!r} is not an http:// or https:// URI prefix")
+        return prefixes
 
 
 class ServerConfig(Model):
@@ -157,6 +186,7 @@ class ServerConfig(Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     web: WebConfig = Field(default_factory=WebConfig)
     logstreams: LogStreamsConfig = Field(default_factory=LogStreamsConfig)
+    assets: AssetsConfig = Field(default_factory=AssetsConfig)
     storage: dict[str, StorageSpec] = Field(default_factory=dict)
     instances: dict[str, InstanceConfig] = Field(default_factory=lambda: {"": InstanceConfig()})
 
@@ -272,17 +302,19 @@ class ServerConfig(Model):
         for name, instance in self.instances.items():
             check(instance.cas, f"instances.{name!r}.cas")
             check(instance.action_cache, f"instances.{name!r}.action-cache")
-            for ref in (instance.cas, instance.action_cache):
+            check(instance.assets, f"instances.{name!r}.assets")
+            for ref in (instance.cas, instance.action_cache, instance.assets):
                 if ref is not None:
                     used |= kinds(ref)
-            if instance.action_cache is not None:
-                cas_only = sorted(kinds(instance.action_cache)
-                                  & {"remote", "read-cache", "split"})
+            for key, ref in (("action-cache", instance.action_cache),
+                             ("assets", instance.assets)):
+                cas_only = sorted(kinds(ref) & {"remote", "read-cache", "split"}) \
+                    if ref is not None else []
                 if cas_only:
                     raise ValueError(
-                        f"instances.{name!r}.action-cache: {cas_only[0]} storage holds CAS "
-                        "blobs only (action cache entries do not match their keys' digests); "
-                        "use disk, packed, memory, size-limited or postgres storage")
+                        f"instances.{name!r}.{key}: {cas_only[0]} storage holds CAS blobs "
+                        "only (these entries do not match their keys' digests); use disk, "
+                        "packed, memory, size-limited or postgres storage")
         if "postgres" in used and not is_postgres_url(self.database):
             raise ValueError("postgres storage keeps blobs in the server's database: "
                              "set `database` to a postgresql:// URL")
@@ -319,7 +351,8 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for index, part in enumerate(loc):
         text = str(part)
         holder = loc[index - 1] if index else None
-        if text in STORAGE_TYPES and (holder in ("cas", "action-cache", "backend", "cache")
+        holders = ("cas", "action-cache", "assets", "backend", "cache")
+        if text in STORAGE_TYPES and (holder in holders
                                       or (index >= 2 and loc[index - 2] == "storage")):
             continue  # the storage's `type`, which pydantic inserts into the path
         if skip_tag:  # the discriminator value that pydantic puts after a tagged union

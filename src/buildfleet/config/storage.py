@@ -182,3 +182,8 @@ def default_action_cache(name: str) -> PackedStorage:
     return PackedStorage(type="packed", path=f"{slug}/ac.sqlite3", migrate_from=f"{slug}/ac")
 
 
+
+
+def default_assets(name: str) -> PackedStorage:
+    """Remembered assets (Remote Asset API) packed in `<slug>/assets.sqlite3`."""
+    return PackedStorage(type="packed", path=f"{instance_slug(name)}/assets.sqlite3")

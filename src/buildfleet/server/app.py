@@ -20,6 +20,9 @@ from buildfleet.config.base import shown_host
 from buildfleet.config.scheduler import is_postgres_url
 from buildfleet.server.actioncache.service import ActionCacheService
 from buildfleet.server.admin.service import AdminService
+from buildfleet.server.asset.download import DownloadLimits, HttpDownloader, spool_directory
+from buildfleet.server.asset.fetcher import AssetFetcher
+from buildfleet.server.asset.service import FetchService, PushService
 from buildfleet.server.auth import AuthInterceptor
 from buildfleet.server.bots.service import BotsService
 from buildfleet.server.bytestream.service import ByteStreamService
@@ -64,6 +67,17 @@ class BuildfleetServer:
             ActionCacheService(self.instances),
             CapabilitiesService(self.instances),
         ]
+        assets = config.assets
+        if assets.enabled:
+            downloader = HttpDownloader(
+                DownloadLimits(allow_prefixes=assets.allow_uris,
+                               max_size=int(assets.max_download_size),
+                               max_redirects=assets.max_redirects),
+                spool_directory(config.data_dir))
+            self.services += [
+                FetchService(self.instances, assets, AssetFetcher(assets, downloader)),
+                PushService(self.instances, assets),
+            ]
         self.admin = AdminService(self.instances)
         # Output streams live in this process: named in operations only where the
         # bots that write them and the clients that read them meet here.

@@ -91,6 +91,11 @@ RULES: dict[str, Rule] = {
                                                            roles_of=_write_roles),
     "/build.bazel.remote.logstream.v1.LogStreamService/CreateLogStream": Rule(
         LOG_WRITE, lambda request: str(request.parent)),
+    **{f"/build.bazel.remote.asset.v1.Fetch/{method}": Rule(frozenset({Role.READ}), _named)
+       for method in ("FetchBlob", "FetchDirectory")},
+    **{f"/build.bazel.remote.asset.v1.Push/{method}": Rule(frozenset({Role.CACHE_WRITE}),
+                                                           _named)
+       for method in ("PushBlob", "PushDirectory")},
     "/google.longrunning.Operations/GetOperation": Rule(frozenset({Role.EXECUTE}), _operation),
     "/google.longrunning.Operations/WaitOperation": Rule(frozenset({Role.EXECUTE}), _operation),
     "/google.longrunning.Operations/CancelOperation": Rule(frozenset({Role.EXECUTE}),

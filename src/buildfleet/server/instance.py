@@ -17,6 +17,7 @@ from buildfleet.config import (
     InstanceConfig,
     ServerConfig,
     default_action_cache,
+    default_assets,
     default_cas,
     is_postgres_url,
 )
@@ -32,6 +33,7 @@ from buildfleet.scheduler.embedded import (
 from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler
 from buildfleet.storage import BlobStore, Cas
 from buildfleet.storage.action_cache import ActionCache
+from buildfleet.storage.assets import AssetStore
 from buildfleet.storage.factory import StoreFactory
 
 
@@ -43,6 +45,7 @@ class Instance:
     cas: Cas
     action_cache: ActionCache
     settings: InstanceConfig
+    assets: AssetStore
     scheduler: SchedulerAPI | None = None  # None: a cache-only instance
 
     @property
@@ -111,6 +114,7 @@ def build_instances(config: ServerConfig) -> Instances:
         entries = stores.build(settings.action_cache or default_action_cache(name))
         action_cache = ActionCache(entries, cas,
                                    allow_updates=settings.allow_action_cache_updates)
+        assets = AssetStore(stores.build(settings.assets or default_assets(name)), cas)
         scheduler: SchedulerAPI | None = None
         if settings.scheduler.enabled and isinstance(scheduler_store, ReplicatedGrid):
             scheduler = ReplicatedScheduler(name, scheduler_store, action_cache=action_cache,
@@ -119,5 +123,5 @@ def build_instances(config: ServerConfig) -> Instances:
             scheduler = EmbeddedScheduler(name, scheduler_store, action_cache=action_cache,
                                           settings=settings.scheduler)
         instances[name] = Instance(name=name, cas=cas, action_cache=action_cache,
-                                   settings=settings, scheduler=scheduler)
+                                   settings=settings, assets=assets, scheduler=scheduler)
     return Instances(instances, stores.roots, scheduler_store)

@@ -61,7 +61,7 @@ class ActionCache:
                 root = _digest(directory.root_directory_digest, what)
                 if not directory.HasField("tree_digest"):
                     # DIRECTORY_ONLY format: walk the Directory messages instead.
-                    blobs.extend(await self._directory_blobs(root, what))
+                    blobs.extend(await self.cas.directory_blobs(root, what))
                     continue
                 blobs.append(root)
             tree_digest = _digest(directory.tree_digest, what)
@@ -72,29 +72,6 @@ class ActionCache:
             for node in [tree.root, *tree.children]:
                 for file in node.files:
                     blobs.append(_digest(file.digest, f"file {file.name!r} in output tree"))
-        return blobs
-
-    async def _directory_blobs(self, root: Digest, what: str) -> list[Digest]:
-        """The Directory blobs reachable from `root` and the files they list.
-
-        A missing Directory is listed without looking inside it.
-        """
-        blobs: list[Digest] = []
-        seen = {root}
-        pending = [root]
-        while pending:
-            digest = pending.pop()
-            blobs.append(digest)
-            directory = await self.cas.get_message(digest, re_pb2.Directory, what)
-            if directory is None:
-                continue
-            for file in directory.files:
-                blobs.append(_digest(file.digest, f"file {file.name!r} in {what}"))
-            for child in directory.directories:
-                child_digest = _digest(child.digest, f"directory {child.name!r} in {what}")
-                if child_digest not in seen:
-                    seen.add(child_digest)
-                    pending.append(child_digest)
         return blobs
 
     async def get(self, action_digest: Digest) -> re_pb2.ActionResult | None:

@@ -35,6 +35,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest, verify
 from buildfleet.errors import (
     BuildfleetError,
@@ -192,6 +193,30 @@ class Cas:
             raise InvalidArgument(f"{what} {digest} is not a valid {message_type.__name__}") \
                 from error
         return message
+
+    async def directory_blobs(self, root: Digest, what: str) -> list[Digest]:
+        """The Directory blobs reachable from `root` and the files they list.
+
+        A missing Directory is listed without looking inside it.
+        """
+        blobs: list[Digest] = []
+        seen = {root}
+        pending = [root]
+        while pending:
+            digest = pending.pop()
+            blobs.append(digest)
+            directory = await self.get_message(digest, re_pb2.Directory, what)
+            if directory is None:
+                continue
+            for file in directory.files:
+                blobs.append(Digest.from_proto(file.digest, f"file {file.name!r} in {what}"))
+            for child in directory.directories:
+                child_digest = Digest.from_proto(child.digest,
+                                                 f"directory {child.name!r} in {what}")
+                if child_digest not in seen:
+                    seen.add(child_digest)
+                    pending.append(child_digest)
+        return blobs
 
     async def open(self, digest: Digest) -> BlobReader | None:
         """A reader for streaming; its bytes are not re-verified."""
