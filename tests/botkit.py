@@ -139,12 +139,19 @@ class Client:
         return digest_of(blob)
 
     def execute(self, action_digest: re_pb2.Digest, *, skip_cache_lookup: bool = False,
-                priority: int = 0) -> grpc.aio.UnaryStreamCall:
+                priority: int = 0, request_metadata: re_pb2.RequestMetadata | bytes | None = None
+                ) -> grpc.aio.UnaryStreamCall:
+        """Execute; `request_metadata` goes in the header REAPI clients send it in."""
         stub = re_grpc.ExecutionStub(self.channel)
+        headers = None
+        if request_metadata is not None:
+            value = request_metadata if isinstance(request_metadata, bytes) \
+                else request_metadata.SerializeToString()
+            headers = (("build.bazel.remote.execution.v2.requestmetadata-bin", value),)
         return stub.Execute(re_pb2.ExecuteRequest(
             instance_name=self.instance, action_digest=action_digest,
             skip_cache_lookup=skip_cache_lookup,
-            execution_policy=re_pb2.ExecutionPolicy(priority=priority)))
+            execution_policy=re_pb2.ExecutionPolicy(priority=priority)), metadata=headers)
 
     async def first_operation(self, call: grpc.aio.UnaryStreamCall) -> operations_pb2.Operation:
         async for operation in call:

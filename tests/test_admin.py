@@ -179,7 +179,8 @@ async def test_operations_from_the_command_line(start_server: Any, tmp_path: Pat
     by_action = await as_json(server, tmp_path, "ops", "list", "--action", ran.hash)
     assert [o["name"] for o in by_action["operations"]] == [done_name]
     table = (await cli(server, tmp_path, "ops", "list")).stdout.splitlines()
-    assert table[0].split() == ["OPERATION", "STAGE", "OUTCOME", "QUEUED", "BOT", "ACTION"]
+    assert table[0].split() == ["OPERATION", "STAGE", "OUTCOME", "QUEUED", "BOT", "ACTION",
+                                "MNEMONIC"]
     assert table[2].split()[:4] == [done_name, "COMPLETED", "exit", "7"]
 
     shown = await cli(server, tmp_path, "ops", "show", done_name)

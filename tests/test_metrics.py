@@ -96,6 +96,13 @@ async def test_metrics_after_real_actions(start_server: Any, spawn_bot: SpawnBot
     assert value(samples, "buildfleet_queue_oldest_age_seconds", instance="",
                  platform="OSFamily=windows") >= 0
     assert value(samples, "buildfleet_actions_executing", instance="") == 0
+    # by kind of build (one label per kind, never per invocation): the waiting action
+    # came with no RequestMetadata and no principal
+    assert value(samples, "buildfleet_build_actions", instance="", kind="anonymous",
+                 state="queued") == 1
+    assert value(samples, "buildfleet_builds", instance="", kind="anonymous") == 1
+    assert value(samples, "buildfleet_build_actions", instance="", kind="invocation",
+                 state="queued") == 0
     # three ran on the bot (success, failed, timeout) and came with their timings
     assert value(samples, "buildfleet_action_execution_seconds_count", instance="") == 3
     assert value(samples, "buildfleet_action_execution_seconds_bucket", instance="",

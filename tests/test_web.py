@@ -16,6 +16,7 @@ from botkit import Client, StubBot, action_result, poll_leases
 from botprocess import wait_for
 from webkit import PAGE_HEADER, Visitor, page_url, web_config
 
+from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.devtools.remoteworkers.v1test2 import bots_pb2, bots_pb2_grpc
 from buildfleet.config import ConfigError, parse_config
 from buildfleet.server.app import check_exposure
@@ -42,7 +43,9 @@ async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path,
                                              msg="<script>alert(1)</script>"))
         client = Client(server.channel)
         digest = await client.action("echo", "it's <here>", platform=[("OSFamily", "linux")])
-        call = client.execute(digest, priority=3)
+        call = client.execute(digest, priority=3, request_metadata=re_pb2.RequestMetadata(
+            tool_details=re_pb2.ToolDetails(tool_name="bazel", tool_version="7.4.1"),
+            tool_invocation_id="inv-<web>", action_mnemonic="Genrule", target_id="//:it"))
         operation = await client.first_operation(call)
 
         async def overview_with(text: str) -> str | None:
@@ -98,6 +101,12 @@ async def test_the_pages_show_the_grid(start_server: Any, tmp_path: Path,
         assert "echo &#39;it&#39;&#34;&#39;&#34;&#39;s &lt;here&gt;&#39;" in html  # shlex-quoted
         assert "runner-1" in html and 'class="exit-code">0<' in html
         assert '<dd class="priority">3</dd>' in html
+        assert '<dd class="mnemonic">Genrule</dd>' in html and "bazel 7.4.1" in html
+        assert "invocation:inv-&lt;web&gt;" in html  # its build, escaped, links to its ops
+        status, listing, _ = await visitor.get("/operations?invocation=inv-%3Cweb%3E")
+        assert f'data-operation="{operation.name}"' in listing
+        status, listing, _ = await visitor.get("/operations?invocation=another")
+        assert f'data-operation="{operation.name}"' not in listing
         start = html.index('href="/blob?')
         link = html[start + len('href="'):html.index('"', start + len('href="'))]
         status, text, response = await visitor.get(link.replace("&amp;", "&"))

@@ -279,22 +279,39 @@ def _outcome(summary: admin_pb2.OperationSummary) -> str:
 @click.option("--action", "action_hash", default="", metavar="HASH",
               help="Only those of this action digest's hash.")
 @click.option("--submitter", default="", help="Only those of this principal.")
+@click.option("--invocation", default="", metavar="ID",
+              help="Only those of this build: a tool invocation id (Bazel's "
+                   "--invocation_id), a correlated invocations id, or a build key.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000),
               help="How many, newest first.")
 @connection_options
 @connected
 def list_ops(connection: Connection, stage: str | None, bot_id: str, action_hash: str,
-             submitter: str, limit: int) -> None:
+             submitter: str, invocation: str, limit: int) -> None:
     """The operations of the instance, newest first."""
     answer = connection.call(lambda admin: admin.ListOperations(
         admin_pb2.ListOperationsRequest(
             instance_name=connection.instance, stage=stage or "", bot_id=bot_id,
-            action_hash=action_hash, submitter=submitter, page_size=limit),
+            action_hash=action_hash, submitter=submitter, invocation=invocation,
+            page_size=limit),
         timeout=TIMEOUT))
     connection.show(answer, lambda: aligned(
-        ["OPERATION", "STAGE", "OUTCOME", "QUEUED", "BOT", "ACTION"],
+        ["OPERATION", "STAGE", "OUTCOME", "QUEUED", "BOT", "ACTION", "MNEMONIC"],
         [[o.name, o.stage, _outcome(o), _when(o.queued), o.worker or "-",
-          o.action_digest.hash[:12]] for o in answer.operations]))
+          o.action_digest.hash[:12], o.request_metadata.action_mnemonic or "-"]
+         for o in answer.operations]))
+
+
+def _request_lines(summary: admin_pb2.OperationSummary) -> list[str]:
+    """What the client said of the action (RequestMetadata), where it said anything."""
+    metadata = summary.request_metadata
+    tool = metadata.tool_details
+    shown = [("tool", " ".join(p for p in (tool.tool_name, tool.tool_version) if p)),
+             ("invocation", metadata.tool_invocation_id),
+             ("correlated", metadata.correlated_invocations_id),
+             ("build", summary.build), ("mnemonic", metadata.action_mnemonic),
+             ("target", metadata.target_id), ("config", metadata.configuration_id)]
+    return [f"{label + ':':11} {value}" for label, value in shown if value]
 
 
 def _detail_lines(detail: admin_pb2.OperationDetail) -> list[str]:
@@ -303,7 +320,8 @@ def _detail_lines(detail: admin_pb2.OperationDetail) -> list[str]:
              + (" (cancelled)" if summary.cancelled else ""),
              f"action:     {summary.action_digest.hash}/{summary.action_digest.size_bytes}",
              f"submitter:  {summary.submitter or '-'}", f"bot:        {summary.worker or '-'}",
-             f"attempts:   {summary.attempts}", f"priority:   {summary.priority}"]
+             f"attempts:   {summary.attempts}", f"priority:   {summary.priority}",
+             *_request_lines(summary)]
     if summary.stage == "COMPLETED":
         lines.append(f"outcome:    {_outcome(summary)}"
                      + (f" ({summary.message})" if summary.message else ""))

@@ -22,7 +22,13 @@ from buildfleet.scheduler.model import BotStatus, Properties
 from buildfleet.scheduler.replicated import ReplicatedGrid, ReplicatedScheduler, bots
 from buildfleet.scheduler.replicated.sql import properties_from
 from buildfleet.scheduler.replicated.transactions import Effects, Tx
-from buildfleet.scheduler.rules.matching import may_take, may_yet_work, pick, satisfies
+from buildfleet.scheduler.rules.matching import (
+    may_take,
+    may_yet_work,
+    pick,
+    pick_fairly,
+    satisfies,
+)
 
 KEYS = [("OSFamily", "linux"), ("OSFamily", "windows"), ("ISA", "x86-64"), ("ISA", "arm64"),
         ("pool", "big")]
@@ -121,3 +127,81 @@ async def test_the_claim_statement_picks_what_the_core_picks(pg_url: str) -> Non
     finally:
         await scheduler.close()
         await grid.close()
+
+
+@dataclass
+class BuildJob:
+    id: str
+    priority: int
+    seq: int
+    requirements: Properties
+    builds: set[str]
+
+
+async def test_the_fair_claim_picks_what_the_core_picks(pg_url: str) -> None:
+    """Jobs of several builds (some waited for by two), claims that change the builds'
+    running counts, a limit per build: each claim is `matching.pick_fairly`."""
+    from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2
+    from buildfleet.scheduler.rules.invocations import build_key
+
+    chooser = random.Random(2718)
+    for limit in (None, 3):  # (the claims end early with the limit: each build runs 3)
+        settings = SchedulerConfig(keepalive=60, housekeeping_interval=60,
+                                   max_running_per_build=limit)
+        grid = ReplicatedGrid(Database(pg_url, PostgresConfig()))
+        scheduler = ReplicatedScheduler(f"fair-{limit}", grid, settings=settings)
+        await scheduler.start()
+        try:
+            properties = frozenset(KEYS[:3])
+            session = await scheduler.create_session("claimer", status=BotStatus.OK,
+                                                     properties=properties, capacity=1000)
+            jobs: dict[str, BuildJob] = {}
+            for number in range(90):
+                build = chooser.choice(["ci", "laptop", "nightly", "release"])
+                metadata = remote_execution_pb2.RequestMetadata(
+                    tool_invocation_id=build).SerializeToString()
+                # every fifth submission repeats an earlier action: it joins that job
+                again = number % 5 == 4
+                which = chooser.randrange(number) if again else number
+                operation = await scheduler.submit(
+                    *action(1000 + which), frozenset(chooser.sample(KEYS, chooser.randint(0, 1))),
+                    priority=chooser.choice([-100, 0, 0, 50]), request_metadata=metadata)
+                job = jobs.setdefault(operation.job_id, BuildJob(operation.job_id, 0, 0,
+                                                                 frozenset(), set()))
+                job.builds.add(build_key(metadata, ""))
+            async with grid.database.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT id, priority, seq, requirements, builds FROM grid_jobs "
+                    "WHERE instance = %s", (scheduler.instance,))
+                for row in await cursor.fetchall():
+                    job = jobs[row[0]]
+                    job.priority, job.seq = row[1], row[2]
+                    job.requirements = properties_from(row[3])
+                    assert set(row[4]) == job.builds
+            queued = list(jobs.values())
+            running: dict[str, int] = {}
+            picks = 0
+            for _ in range(70):
+                oldest_first = chooser.random() < 0.2
+                expected = pick_fairly(queued, properties, oldest_first=oldest_first,
+                                       running=lambda b, counts=running: counts.get(b, 0),
+                                       limit=limit)
+                async with grid.database.transaction() as conn:
+                    tx = Tx(conn, Effects(), scheduler.instance, settings)
+                    row = await tx.row("SELECT * FROM grid_sessions WHERE name = %s",
+                                       (session.name,))
+                    assert row is not None
+                    claimed = await bots.claim_batch(tx, row, properties, 1, oldest_first,
+                                                     offer_pending=False)
+                assert [r["id"] for r in claimed] == ([expected.id] if expected else [])
+                if expected is None:
+                    break
+                queued.remove(expected)
+                picks += 1
+                for build in expected.builds:
+                    running[build] = running.get(build, 0) + 1
+            # (with the limit, the claims end when every build runs its 3)
+            assert picks > (30 if limit is None else 5), picks
+        finally:
+            await scheduler.close()
+            await grid.close()

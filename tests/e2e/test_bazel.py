@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,8 @@ from upprocess import UpProcess
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2_grpc as re_grpc
+from buildfleet._proto.buildfleet.admin.v1 import admin_pb2
+from buildfleet._proto.buildfleet.admin.v1 import admin_pb2_grpc as admin_grpc
 from buildfleet.digest import Digest
 
 from .conftest import NAMED_INSTANCE, Bazel, BazelRun
@@ -80,11 +83,21 @@ def test_build_and_test_remotely_then_from_the_cache(bazel: Bazel, grid: UpProce
     assert f"--remote_executor=grpc://{grid.endpoint}" in flags
     assert "--remote_default_exec_properties=OSFamily=linux" in flags
 
-    built = bazel("test", "//...", *flags)
+    invocation = str(uuid.uuid4())
+    built = bazel("test", "//...", *flags, f"--invocation_id={invocation}")
     remote = assert_all_remote(built, "remote")
     assert re.search(r"//:hello_test\s+PASSED", built.output), built.describe()
     assert "1 test passes" in built.output, built.describe()
     assert_outputs(bazel)
+    # every action it ran is known as this invocation's, with the tool that sent it
+    with grpc.insecure_channel(grid.endpoint) as channel:
+        listed = admin_grpc.AdminStub(channel).ListOperations(
+            admin_pb2.ListOperationsRequest(instance_name="", invocation=invocation,
+                                            page_size=1000), timeout=30)
+    assert len(listed.operations) == remote, listed
+    assert {o.request_metadata.tool_details.tool_name for o in listed.operations} == {"bazel"}
+    assert {o.build for o in listed.operations} == {
+        listed.operations[0].build} and listed.operations[0].build.startswith("correlated:")
 
     cleaned = bazel("clean")
     assert cleaned.returncode == 0, cleaned.describe()

@@ -31,6 +31,10 @@ class SchedulerConfig(Model):
     unmatched_timeout: float = Field(default=300.0, gt=0)  # fail jobs no live bot can run
     max_queued: int = Field(default=100_000, ge=1)  # queued jobs before RESOURCE_EXHAUSTED
     fairness_share: float = Field(default=0.1, ge=0, le=1)  # picks that take the oldest job
+    # Share the bots between builds (rules.matching.fair_order); off: by priority alone.
+    fair_builds: bool = True
+    # The most actions one build (invocation, or principal) runs at once; None: no limit.
+    max_running_per_build: int | None = Field(default=None, ge=1)
     lease_offer: Literal["active", "pending"] = "active"
     # The bot that failed an action gets it again only when no other bot could run
     # it, and only after this delay (doubled per attempt, at most retry-backoff-max).
@@ -46,6 +50,13 @@ class SchedulerConfig(Model):
     # which bots may: left out of matching, passed to the bot with the action.
     hint_properties: list[str] = Field(default_factory=lambda: ["memory", "pids"])
     housekeeping_interval: float = Field(default=1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _check_build_limit(self) -> SchedulerConfig:
+        if self.max_running_per_build is not None and not self.fair_builds:
+            raise ValueError("max-running-per-build counts each build's actions: it needs "
+                             "fair-builds")
+        return self
 
     @model_validator(mode="after")
     def _check_lease_timeout(self) -> SchedulerConfig:

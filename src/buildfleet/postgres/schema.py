@@ -192,4 +192,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX jobs_done ON jobs (instance, completed_at) WHERE stage = 4;
     CREATE INDEX operations_job ON operations (job_id);
     """,
+    # version 9: the client's RequestMetadata of an operation (scheduler/rules/
+    # invocations.py), in both strategies' tables
+    """
+    ALTER TABLE operations ADD COLUMN request_metadata bytea NOT NULL DEFAULT '';
+    ALTER TABLE grid_operations ADD COLUMN request_metadata bytea NOT NULL DEFAULT '';
+    """,
+    # version 10: the builds a job counts towards (rules.invocations.build_key of each
+    # operation waiting for it), for fair shares between builds
+    """
+    ALTER TABLE grid_jobs ADD COLUMN builds text[] NOT NULL DEFAULT '{}';
+    """,
 ]

@@ -24,6 +24,7 @@ from buildfleet.scheduler.model import (
     BotEvent,
     BotSession,
     BotStatus,
+    BuildKindCount,
     Lease,
     Operation,
     Properties,
@@ -66,10 +67,11 @@ class SchedulerAPI(Protocol):
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
-                     skip_cache_lookup: bool = False, owner: str = "") -> Operation: ...
+                     skip_cache_lookup: bool = False, owner: str = "",
+                     request_metadata: bytes = b"") -> Operation: ...
 
     async def record_cache_hit(self, action_digest: Digest, result: re_pb2.ActionResult,
-                               owner: str = "") -> Operation: ...
+                               owner: str = "", request_metadata: bytes = b"") -> Operation: ...
 
     # A `caller` sees only its own operations unless it is an admin (NotFound, as for
     # one that does not exist); None: anyone (authentication is off).
@@ -127,6 +129,8 @@ class SchedulerAPI(Protocol):
 
     # -- views (for metrics; the replicated strategy's are a housekeeping tick old)
     def queue_groups(self) -> list[QueueGroup]: ...
+
+    def build_kinds(self) -> list[BuildKindCount]: ...
 
     def executing(self) -> int: ...
 

@@ -80,6 +80,8 @@ class Operation:
     attempts: int = 0  # leases of the job that ended without a final result
     owner: str = ""  # the principal that submitted it ("": authentication is off)
     priority: int = 0  # the job's (REAPI: lower runs sooner)
+    # the client's serialized RequestMetadata (rules.invocations), b"" when it sent none
+    request_metadata: bytes = b""
 
     @property
     def done(self) -> bool:
@@ -134,6 +136,17 @@ class BotEvent:
 def random_id() -> str:
     """A new unique id (for jobs, operations, sessions): the default id generator."""
     return str(uuid.uuid4())
+
+
+@dataclass(frozen=True, slots=True)
+class BuildKindCount:
+    """The builds of one kind (rules.invocations.build_kind) with work, and their
+    actions: queued and running (an action two builds wait for counts for each)."""
+
+    kind: str
+    builds: int
+    queued: int
+    running: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from schedkit import LINUX, LINUX_X86, make_job
 
 from buildfleet.scheduler.embedded.queue import JobQueue
 from buildfleet.scheduler.embedded.records import JobRecord
 from buildfleet.scheduler.model import Properties
-from buildfleet.scheduler.rules.matching import Fairness, pick
+from buildfleet.scheduler.rules.matching import Fairness, pick, pick_fairly
 
 
 def drain(queue: JobQueue, properties: Properties = LINUX_X86) -> list[JobRecord]:
@@ -164,4 +165,57 @@ def test_the_queue_picks_what_the_core_says() -> None:
             if taken is not None:
                 fairness.picked(1)
                 queued.remove(taken)
+        assert len(queue) == len(queued)
+
+
+def test_the_fair_queue_picks_what_the_core_says() -> None:
+    """Random builds, running counts that go up and down, limits, refusals: each pick
+    is `rules.matching.pick_fairly` over the queued jobs."""
+    chooser = random.Random(27)
+    keys = [("OSFamily", "linux"), ("ISA", "x86-64"), ("pool", "big")]
+    names = ["ci", "laptop", "nightly", "release", ""]
+    for share, limit in ((0.0, None), (0.25, None), (0.0, 3), (0.1, 2)):
+        running: dict[str, int] = {}
+        count = running.get  # (bound to this round's counts)
+
+        def runs(build: str, count: Callable[[str, int], int] = count) -> int:
+            return count(build, 0)
+
+        queue = JobQueue(fairness_share=share, running=runs, limit=limit)
+        fairness = Fairness(share)
+        queued: list[JobRecord] = []
+        started: list[JobRecord] = []
+        for _ in range(400):
+            roll = chooser.random()
+            if roll < 0.45:
+                job = make_job(chooser.choice((-100, 0, 0, 50)),
+                               frozenset(chooser.sample(keys, chooser.randint(0, 1))))
+                job.builds = set(chooser.sample(names, chooser.choice((1, 1, 2))))
+                queue.push(job)
+                queued.append(job)
+                continue
+            if roll < 0.6 and started:  # one ends: its builds run one fewer
+                ended = started.pop(chooser.randrange(len(started)))
+                for build in ended.builds:
+                    running[build] -= 1
+                    queue.build_changed(build)
+                continue
+            bot = frozenset(chooser.sample(keys, chooser.randint(1, 3)))
+            refused = {job.id for job in queued if chooser.random() < 0.05}
+
+            def eligible(job: JobRecord, refused: set[str] = refused) -> bool:
+                return job.id not in refused
+
+            oldest_first = fairness.next_batch(1)[1]
+            expected = pick_fairly(queued, bot, oldest_first=oldest_first,
+                                   running=runs, limit=limit,
+                                   eligible=eligible)
+            taken = queue.pop_for(bot, eligible)
+            assert taken is expected, (share, limit)
+            if taken is not None:
+                fairness.picked(1)
+                queued.remove(taken)
+                started.append(taken)
+                for build in taken.builds:
+                    running[build] = running.get(build, 0) + 1
         assert len(queue) == len(queued)

@@ -51,6 +51,7 @@ class JobRecord:
     completed_at: float | None = None  # wall clock
     succeeded: bool = False
     operations: set[str] = field(default_factory=set)  # names of operations waiting for it
+    builds: set[str] = field(default_factory=set)  # the builds they count towards
     worker: str = ""  # the bot that produced the result
 
     @property
@@ -70,6 +71,7 @@ class OperationRecord:
     deleted: bool = False
     own_response: bytes | None = None  # its end when it differs from the job's (cancelled)
     owner: str = ""
+    request_metadata: bytes = b""  # the client's (rules.invocations)
 
     @property
     def done(self) -> bool:
@@ -89,7 +91,7 @@ class OperationRecord:
             created_at=self.created_at,
             worker=job.lease.session.bot_id if job.lease is not None else job.worker,
             cancelled=self.cancelled, attempts=job.attempts, owner=self.owner,
-            priority=job.priority)
+            priority=job.priority, request_metadata=self.request_metadata)
 
 
 @dataclass(eq=False, slots=True)

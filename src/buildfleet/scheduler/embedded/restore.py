@@ -25,6 +25,7 @@ from buildfleet.scheduler.embedded.store import Row, StoredState
 from buildfleet.scheduler.model import BotStatus, LeaseState, Operation, Properties, Stage
 from buildfleet.scheduler.rules import timers
 from buildfleet.scheduler.rules.drains import Drain
+from buildfleet.scheduler.rules.invocations import build_key
 from buildfleet.scheduler.rules.matching import lease_id
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
     for row in stored.drains:
         state.drains[row["pattern"]] = Drain(row["pattern"], row["created_at"])
     max_seq = -1
+    running: list[JobRecord] = []
+    queued: list[JobRecord] = []  # both filed once their operations say which builds
     for row in sorted(stored.jobs, key=lambda r: r["seq"]):
         job = job_from_row(state, row)
         max_seq = max(max_seq, job.seq)
@@ -64,10 +67,10 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
             job.lease = lease
             job.stage = Stage.EXECUTING
             job.started_at = moment
-            state.executing.add(job)
+            running.append(job)
         else:
             job.stage = Stage.QUEUED
-            state.queue.push(job)
+            queued.append(job)
     state.seq = itertools.count(max_seq + 1)
     for row in stored.operations:
         target = state.jobs.get(row["job_id"])
@@ -78,8 +81,13 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
         state.operations[operation.name] = operation
         if not operation.cancelled:
             target.operations.add(operation.name)
+            target.builds.add(build_key(operation.request_metadata, operation.owner))
         if operation.done:
             state.expire_later(operation)
+    for job in running:
+        state.started(job)
+    for job in queued:
+        state.queue.push(job)
     for job in state.jobs.values():
         if job.done and not job.operations:
             state.expire_job_later(job)
@@ -103,7 +111,8 @@ def _ended(operation: OperationRecord) -> float:
 def operation_from_row(state: EmbeddedState, row: Row, job: JobRecord) -> OperationRecord:
     return OperationRecord(name=row["name"], instance=state.instance, job=job,
                            created_at=row["created_at"], cancelled=bool(row["cancelled"]),
-                           own_response=row["own_response"], owner=row.get("owner") or "")
+                           own_response=row["own_response"], owner=row.get("owner") or "",
+                           request_metadata=bytes(row.get("request_metadata") or b""))
 
 
 def stored_view(state: EmbeddedState, operation: Row, job: Row) -> Operation:

@@ -35,6 +35,7 @@ from buildfleet.scheduler.model import (
     BotEvent,
     BotSession,
     BotStatus,
+    BuildKindCount,
     Lease,
     LeaseState,
     Operation,
@@ -46,7 +47,14 @@ from buildfleet.scheduler.model import (
 from buildfleet.scheduler.notify import Ticker, Wakers
 from buildfleet.scheduler.protos import operation_proto
 from buildfleet.scheduler.results import LeasedJob, settle
-from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
+from buildfleet.scheduler.rules import (
+    invocations,
+    outcomes,
+    ownership,
+    reports,
+    submissions,
+    timers,
+)
 from buildfleet.scheduler.rules.drains import Drain, check_pattern, drained
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
@@ -103,20 +111,22 @@ class EmbeddedScheduler:
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
-                     skip_cache_lookup: bool = False, owner: str = "") -> Operation:
+                     skip_cache_lookup: bool = False, owner: str = "",
+                     request_metadata: bytes = b"") -> Operation:
         """Queue an action (or join an identical one); a new operation for it."""
         record = self.state.submit(
             action_digest, action.SerializeToString(deterministic=True), requirements,
             priority=priority, timeout=self.check_timeout(action),
             cacheable=not action.do_not_cache, skip_cache_lookup=skip_cache_lookup,
-            owner=owner)
+            owner=owner, request_metadata=request_metadata)
         await self.store.flush()
         return record.view()
 
     async def record_cache_hit(self, action_digest: Digest, result: re_pb2.ActionResult,
-                               owner: str = "") -> Operation:
+                               owner: str = "", request_metadata: bytes = b"") -> Operation:
         """A completed operation answering from the action cache."""
-        record = self.state.cache_hit(action_digest, outcomes.cache_hit(result), owner)
+        record = self.state.cache_hit(action_digest, outcomes.cache_hit(result), owner,
+                                      request_metadata)
         await self.store.flush()
         return record.view()
 
@@ -397,6 +407,11 @@ class EmbeddedScheduler:
         return [QueueGroup(requirements, len(members),
                            min(job.queued_at for job in members))
                 for requirements, members in self.state.queue.groups() if members]
+
+    def build_kinds(self) -> list[BuildKindCount]:
+        counts = invocations.count_by_kind((job.builds for job in self.state.queue.jobs()),
+                                           (job.builds for job in self.state.executing))
+        return [BuildKindCount(kind, *numbers) for kind, numbers in counts.items()]
 
     def executing(self) -> int:
         return len(self.state.executing)

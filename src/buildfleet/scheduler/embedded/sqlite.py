@@ -62,6 +62,10 @@ _SCHEMA = [
     CREATE INDEX jobs_done ON jobs (instance, completed_at) WHERE stage = 4;
     CREATE INDEX operations_job ON operations (job_id);
     """,
+    # version 5: the client's RequestMetadata of an operation (rules.invocations)
+    """
+    ALTER TABLE operations ADD COLUMN request_metadata BLOB NOT NULL DEFAULT x'';
+    """,
 ]
 
 

@@ -29,6 +29,7 @@ from buildfleet.scheduler.embedded.store import SchedulerStore
 from buildfleet.scheduler.model import BotStatus, LeaseState, Properties, Stage
 from buildfleet.scheduler.rules import outcomes, reports, submissions, timers
 from buildfleet.scheduler.rules.drains import Drain, drained
+from buildfleet.scheduler.rules.invocations import build_key
 from buildfleet.scheduler.rules.matching import (
     lease_id,
     may_take,
@@ -66,7 +67,11 @@ class EmbeddedState:
         self.jobs: dict[str, JobRecord] = {}
         self.operations: dict[str, OperationRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
-        self.queue = JobQueue(settings.fairness_share)
+        # Actions each build runs now (rules.invocations.build_key), for fair shares.
+        self.running_builds: Counter[str] = Counter()
+        self.queue = JobQueue(settings.fairness_share,
+                              running=self.running_of if settings.fair_builds else None,
+                              limit=settings.max_running_per_build)
         self.by_bot_id: dict[str, SessionRecord] = {}
         self.in_flight: dict[Digest, JobRecord] = {}  # unfinished cacheable jobs by action
         # Cacheable jobs that just succeeded, by action, in the order they did.
@@ -120,7 +125,7 @@ class EmbeddedState:
     # ----------------------------------------------------------------- submissions
     def submit(self, action_digest: Digest, action: bytes, requirements: Properties, *,
                priority: int, timeout: float, cacheable: bool, skip_cache_lookup: bool,
-               owner: str = "") -> OperationRecord:
+               owner: str = "", request_metadata: bytes = b"") -> OperationRecord:
         job = self._joinable(action_digest, skip_cache_lookup) if cacheable else None
         if job is None:
             submissions.check_room(self.instance, len(self.queue), self.settings.max_queued)
@@ -129,7 +134,7 @@ class EmbeddedState:
                 action=action, requirements=requirements, priority=priority,
                 cacheable=cacheable, timeout=timeout,
                 run_limit=timers.run_limit(timeout, self.settings), queued_at=self.wall(),
-                seq=next(self.seq))
+                seq=next(self.seq), builds={build_key(request_metadata, owner)})
             self.jobs[job.id] = job
             if cacheable:
                 self.in_flight[action_digest] = job
@@ -143,7 +148,7 @@ class EmbeddedState:
                     job.priority = raised
                     self.queue.reprioritize(job)
                     self.store.save_job(job)
-        return self.new_operation(job, owner)
+        return self.new_operation(job, owner, request_metadata)
 
     def _joinable(self, action_digest: Digest, skip_cache_lookup: bool) -> JobRecord | None:
         job = self.in_flight.get(action_digest)
@@ -155,8 +160,8 @@ class EmbeddedState:
             return job
         return None
 
-    def cache_hit(self, action_digest: Digest, response: bytes, owner: str = ""
-                  ) -> OperationRecord:
+    def cache_hit(self, action_digest: Digest, response: bytes, owner: str = "",
+                  request_metadata: bytes = b"") -> OperationRecord:
         """A done operation answered from the action cache."""
         now = self.wall()
         job = JobRecord(id=self.new_id(), instance=self.instance, action_digest=action_digest,
@@ -166,14 +171,18 @@ class EmbeddedState:
         self.jobs[job.id] = job
         self.store.save_job(job)
         self.observations.ended(Outcome.CACHE_HIT)
-        return self.new_operation(job, owner)
+        return self.new_operation(job, owner, request_metadata)
 
-    def new_operation(self, job: JobRecord, owner: str = "") -> OperationRecord:
+    def new_operation(self, job: JobRecord, owner: str = "",
+                      request_metadata: bytes = b"") -> OperationRecord:
         name = qualified(self.instance, f"operations/{self.new_id()}")
         operation = OperationRecord(name=name, instance=self.instance, job=job,
-                                    created_at=self.wall(), owner=owner)
+                                    created_at=self.wall(), owner=owner,
+                                    request_metadata=request_metadata)
         self.operations[name] = operation
         job.operations.add(name)
+        if not job.done:
+            self.join_build(job, build_key(request_metadata, owner))
         self.store.save_operation(operation)
         if job.done:  # a cache hit, or a job that just succeeded: done from the start
             self.done_marks[name] = self.store.queued  # (it stays in memory until stored)
@@ -252,6 +261,42 @@ class EmbeddedState:
                    and satisfies(other.properties, job.requirements)
                    for other in self.by_bot_id.values())
 
+    # ------------------------------------------------------------- fair shares
+    def running_of(self, build: str) -> int:
+        """How many actions `build` runs now."""
+        return self.running_builds[build]
+
+    def started(self, job: JobRecord) -> None:
+        self.executing.add(job)
+        for build in job.builds or ("",):
+            self.running_builds[build] += 1
+
+    def stopped(self, job: JobRecord) -> None:
+        """`job` no longer runs (it ended, went back to the queue, or lost its lease)."""
+        if job not in self.executing:
+            return
+        self.executing.discard(job)
+        for build in job.builds or ("",):
+            self.running_builds[build] -= 1
+            if self.running_builds[build] <= 0:
+                del self.running_builds[build]
+            self.queue.build_changed(build)
+
+    def join_build(self, job: JobRecord, build: str) -> None:
+        """`build` waits for `job` too (a deduplicated submission): the job counts
+        towards it from now on."""
+        if build in job.builds:
+            return
+        if not job.builds and job in self.executing:  # counted as the anonymous build
+            self.running_builds[""] -= 1
+            if self.running_builds[""] <= 0:
+                del self.running_builds[""]
+        job.builds.add(build)
+        if job in self.executing:
+            self.running_builds[build] += 1
+        else:
+            self.queue.joined(job, build)
+
     def assign(self, session: SessionRecord) -> list[LeaseRecord]:
         """Lease queued work to the session up to its capacity."""
         leases: list[LeaseRecord] = []
@@ -275,7 +320,7 @@ class EmbeddedState:
         job.stage = Stage.EXECUTING
         job.started_at = self.clock()
         self.deferred.pop(job.id, None)
-        self.executing.add(job)
+        self.started(job)
         self.stats["assigned"] += 1
         self.store.save_job(job)
         self._wake_job(job)
@@ -296,7 +341,7 @@ class EmbeddedState:
         session.leases.pop(lease.id, None)
         if job.lease is lease:
             job.lease = None
-            self.executing.discard(job)
+            self.stopped(job)
         lease.state = LeaseState.CANCELLED
         if not session.closed:
             session.notices[lease.id] = lease
@@ -323,7 +368,7 @@ class EmbeddedState:
             return
         job.lease = None
         job.started_at = None
-        self.executing.discard(job)
+        self.stopped(job)
         if requeue.failed_by:
             job.failed_on.add(requeue.failed_by)
         after = outcomes.requeued(requeue, attempts=job.attempts, last_failure=job.last_failure,
@@ -357,7 +402,7 @@ class EmbeddedState:
             job.lease.session.leases.pop(job.lease.id, None)
             job.lease = None
         job.started_at = None
-        self.executing.discard(job)
+        self.stopped(job)
         self.queue.remove(job)
         self.deferred.pop(job.id, None)
         if self.in_flight.get(job.action_digest) is job:

@@ -95,6 +95,7 @@ def operation_row(operation: OperationRecord) -> Row:
         "name": operation.name, "instance": operation.instance, "job_id": operation.job.id,
         "created_at": operation.created_at, "cancelled": int(operation.cancelled),
         "own_response": operation.own_response, "owner": operation.owner,
+        "request_metadata": operation.request_metadata,
     }
 
 

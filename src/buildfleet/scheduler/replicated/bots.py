@@ -52,7 +52,7 @@ from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.results import LeasedJob
 from buildfleet.scheduler.rules import ownership, reports
 from buildfleet.scheduler.rules.drains import drained
-from buildfleet.scheduler.rules.matching import Fairness, takes_work
+from buildfleet.scheduler.rules.matching import PRIORITY_DOUBLING, Fairness, takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
 
@@ -205,6 +205,8 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
     claimed: list[Row] = []
     while slots > 0:
         batch, oldest_first = fairness.next_batch(slots, pending=tx.effects.picks)
+        if tx.settings.fair_builds:
+            batch = 1  # each pick changes the loads the next one compares
         rows = await claim_batch(tx, session, properties, batch, oldest_first,
                                   offer_pending)
         claimed += rows
@@ -220,10 +222,28 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
 # The claim: `rules.matching` in SQL (tests/contract/test_claim_agrees.py holds it to
 # the core).  A job the bot can run (its properties contain the requirements), that
 # it did not fail -- or, when it did, whose back-off is over and that no other live
-# bot which may yet work and did not fail it could run; most urgent first, or
-# oldest first for a fairness pick.
+# bot which may yet work and did not fail it could run; in `fair_order` (the load of
+# its least loaded build, counted from the jobs running now, then urgency), or most
+# urgent first with fair-builds off, or oldest first for an age-guard pick.  With
+# max-running-per-build, only jobs a build under its limit waits for.
+_BUILDS = "(CASE WHEN cardinality(j.builds) = 0 THEN ARRAY['']::text[] ELSE j.builds END)"
+_LOAD = f"""
+    load AS (
+        SELECT b.build, count(*)::float8 AS running
+        FROM grid_jobs r CROSS JOIN LATERAL unnest(CASE WHEN cardinality(r.builds) = 0
+            THEN ARRAY['']::text[] ELSE r.builds END) AS b(build)
+        WHERE r.instance = %(instance)s AND r.stage = {EXECUTING}
+        GROUP BY b.build),"""
+_LEAST_RUNNING = f"""(SELECT coalesce(min(coalesce(l.running, 0)), 0)
+                  FROM unnest({_BUILDS}) AS b(build) LEFT JOIN load l USING (build))"""
+_UNDER_LIMIT = f"""
+          AND (%(limit)s::int IS NULL OR EXISTS (
+               SELECT 1 FROM unnest({_BUILDS}) AS b(build) LEFT JOIN load l USING (build)
+               WHERE coalesce(l.running, 0) < %(limit)s))"""
+_FAIR_ORDER = (f"({_LEAST_RUNNING} + 1) * power(2.0::float8, j.priority / "
+               f"{PRIORITY_DOUBLING!r}::float8), j.priority, j.seq")
 _CLAIM = f"""
-    WITH picked AS (
+    WITH {{load}} picked AS (
         SELECT j.id FROM grid_jobs j
         WHERE j.instance = %(instance)s AND j.stage = {QUEUED}
           AND %(properties)s::jsonb @> j.requirements
@@ -234,6 +254,7 @@ _CLAIM = f"""
                    WHERE s.instance = j.instance AND s.name <> %(name)s
                      AND s.last_seen > {NOW} - %(keepalive)s AND s.status <> {TERMINATING}
                      AND s.properties @> j.requirements AND NOT j.failed_on ? s.bot_id)))
+          {{limit}}
         ORDER BY {{order}}
         LIMIT %(slots)s
         FOR UPDATE SKIP LOCKED)
@@ -244,8 +265,10 @@ _CLAIM = f"""
     RETURNING {JOB_COLUMNS}, CASE WHEN %(channel)s <> '' THEN pg_notify(%(channel)s, CASE
         WHEN octet_length(%(prefix)s || j.id || %(news)s) <= %(most)s
         THEN %(prefix)s || j.id || %(news)s ELSE %(prefix)s || j.id END) END"""
-CLAIM_BY_URGENCY = _CLAIM.format(order="j.priority, j.seq")
-CLAIM_BY_AGE = _CLAIM.format(order="j.seq")
+CLAIM_BY_URGENCY = _CLAIM.format(load="", limit="", order="j.priority, j.seq")
+CLAIM_BY_AGE = _CLAIM.format(load="", limit="", order="j.seq")
+CLAIM_FAIRLY = _CLAIM.format(load=_LOAD, limit=_UNDER_LIMIT, order=_FAIR_ORDER)
+CLAIM_OLDEST_FAIRLY = _CLAIM.format(load=_LOAD, limit=_UNDER_LIMIT, order="j.seq")
 
 
 async def claim_batch(tx: Tx, session: Row, properties: Properties, slots: int,
@@ -253,12 +276,17 @@ async def claim_batch(tx: Tx, session: Row, properties: Properties, slots: int,
     """One claim statement; it announces each job it leases (with its news when they
     fit, as `notes.job_note` writes them)."""
     news = JobNews(Stage.EXECUTING, session["bot_id"])
-    claimed = await tx.rows(CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY, {
+    if tx.settings.fair_builds:
+        statement = CLAIM_OLDEST_FAIRLY if oldest_first else CLAIM_FAIRLY
+    else:
+        statement = CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY
+    claimed = await tx.rows(statement, {
         "instance": tx.instance, "properties": properties_json(properties),
         "bot": session["bot_id"], "name": session["name"],
         "keepalive": tx.settings.keepalive, "slots": slots,
         "state": PENDING if offer_pending else ACTIVE, "channel": tx.job_channel,
-        "prefix": tx.instance + SEPARATOR, "news": news_suffix(news), "most": MAX_PAYLOAD})
+        "prefix": tx.instance + SEPARATOR, "news": news_suffix(news), "most": MAX_PAYLOAD,
+        "limit": tx.settings.max_running_per_build})
     for row in claimed:
         if tx.job_channel:
             tx.announced(row["id"], job_note(tx.instance, row["id"], news)[1])

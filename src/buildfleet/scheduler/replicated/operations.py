@@ -24,9 +24,10 @@ from buildfleet.scheduler.rules.ownership import Caller
 
 _INSERT_JOB = f"""
     INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
-                           priority, cacheable, timeout, run_limit, queued_at, stage)
+                           priority, cacheable, timeout, run_limit, queued_at, stage, builds)
     VALUES (%(id)s, %(instance)s, %(hash)s, %(size)s, %(action)s, %(requirements)s::jsonb,
-            %(priority)s, %(cacheable)s, %(timeout)s, %(run_limit)s, {NOW}, {QUEUED})"""
+            %(priority)s, %(cacheable)s, %(timeout)s, %(run_limit)s, {NOW}, {QUEUED},
+            ARRAY[%(build)s]::text[])"""
 # A cacheable job yields to one of the same action that holds the unique index.
 _INSERT_CACHEABLE = _INSERT_JOB + f"""
     ON CONFLICT (instance, action_hash, action_size)
@@ -34,8 +35,10 @@ _INSERT_CACHEABLE = _INSERT_JOB + f"""
     DO NOTHING"""
 _WITH_OPERATION = f""",
     operation AS (
-        INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
-        SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s FROM inserted),
+        INSERT INTO grid_operations (name, instance, job_id, created_at, owner,
+                                     request_metadata)
+        SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s, %(request_metadata)s
+        FROM inserted),
     announced AS (
         SELECT pg_notify(%(channel)s, %(payload)s) FROM inserted)
     SELECT (SELECT id FROM inserted), (SELECT count(*) FROM announced)"""
@@ -45,8 +48,8 @@ SUBMIT_AT_ONCE = {
     cacheable: f"WITH inserted AS ({insert} RETURNING id)" + _WITH_OPERATION
     for cacheable, insert in ((True, _INSERT_CACHEABLE), (False, _INSERT_JOB))}
 _INSERT_OPERATION = f"""
-    INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
-    VALUES (%s, %s, %s, {NOW}, %s)"""
+    INSERT INTO grid_operations (name, instance, job_id, created_at, owner, request_metadata)
+    VALUES (%s, %s, %s, {NOW}, %s, %s)"""
 CACHE_HIT = f"""
     WITH job AS (
         INSERT INTO grid_jobs (id, instance, action_hash, action_size, action, requirements,
@@ -55,11 +58,18 @@ CACHE_HIT = f"""
         VALUES (%(id)s, %(instance)s, %(hash)s, %(size)s, ''::bytea, '{{}}'::jsonb, 0, true,
                 0, {NOW}, {COMPLETED}, %(response)s, {NOW})
         RETURNING id)
-    INSERT INTO grid_operations (name, instance, job_id, created_at, owner)
-    SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s FROM job"""
+    INSERT INTO grid_operations (name, instance, job_id, created_at, owner, request_metadata)
+    SELECT %(operation)s, %(instance)s, id, {NOW}, %(owner)s, %(request_metadata)s FROM job"""
 
 
-def joined_view(name: str, row: Row, *, created_at: float, owner: str) -> Operation:
+# A deduplicated submission: its build waits for the job too.
+_JOIN_BUILD = """
+    UPDATE grid_jobs SET builds = array_append(builds, %s)
+    WHERE id = %s AND NOT (%s = ANY(builds))"""
+
+
+def joined_view(name: str, row: Row, *, created_at: float, owner: str,
+                request_metadata: bytes = b"") -> Operation:
     """A new operation `name` (of `owner`) on the existing job `row`."""
     done = row["stage"] == COMPLETED
     return Operation(
@@ -67,7 +77,7 @@ def joined_view(name: str, row: Row, *, created_at: float, owner: str) -> Operat
         action_digest=Digest(row["action_hash"], row["action_size"]), stage=Stage(row["stage"]),
         response=bytes(row["response"]) if done else None, queued_at=row["queued_at"],
         created_at=created_at, worker=row["worker"], attempts=row["attempts"], owner=owner,
-        priority=row["priority"])
+        priority=row["priority"], request_metadata=request_metadata)
 
 
 async def join(tx: Tx, digest: Digest, priority: int, skip_cache_lookup: bool) -> Row | None:
@@ -105,14 +115,17 @@ async def submit(tx: Tx, job: dict[str, Any], *, name: str, skip_cache_lookup: b
         joined = await join(tx, digest, job["priority"], skip_cache_lookup)
         if joined is not None:
             tx.effects.observations.deduplicated += 1
-            await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"], job["owner"]))
+            await tx.execute(_JOIN_BUILD, (job["build"], joined["id"], job["build"]))
+            await tx.execute(_INSERT_OPERATION, (name, tx.instance, joined["id"], job["owner"],
+                                                 job["request_metadata"]))
             return joined
     submissions.check_room(tx.instance, queued, tx.settings.max_queued)
     inserted = await tx.value((_INSERT_CACHEABLE if job["cacheable"] else _INSERT_JOB)
                               + " RETURNING id", job)
     if inserted is None:
         raise Retry("the identical action was queued meanwhile")
-    await tx.execute(_INSERT_OPERATION, (name, tx.instance, job["id"], job["owner"]))
+    await tx.execute(_INSERT_OPERATION, (name, tx.instance, job["id"], job["owner"],
+                                         job["request_metadata"]))
     tx.effects.work.add(job["requirements"])
     tx.effects.queued += 1
     return None

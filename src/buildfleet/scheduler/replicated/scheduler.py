@@ -35,6 +35,7 @@ from buildfleet.scheduler.model import (
     BotEvent,
     BotSession,
     BotStatus,
+    BuildKindCount,
     Lease,
     Operation,
     Properties,
@@ -62,8 +63,16 @@ from buildfleet.scheduler.replicated.sql import (
     session_view,
 )
 from buildfleet.scheduler.replicated.transactions import Effects, Retry, Tx, retrying
-from buildfleet.scheduler.rules import outcomes, ownership, reports, submissions, timers
+from buildfleet.scheduler.rules import (
+    invocations,
+    outcomes,
+    ownership,
+    reports,
+    submissions,
+    timers,
+)
 from buildfleet.scheduler.rules.drains import Drain, check_pattern, drained
+from buildfleet.scheduler.rules.invocations import build_key
 from buildfleet.scheduler.rules.matching import Fairness, qualified
 from buildfleet.scheduler.rules.observations import Observations, Outcome
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
@@ -118,6 +127,7 @@ class ReplicatedScheduler:
         self._live: dict[str, BotSession] = {}
         self._queued = 0  # grid-wide queued jobs, refreshed each tick
         self._groups: list[QueueGroup] = []  # the same per platform
+        self._build_kinds: list[BuildKindCount] = []  # and per kind of build
         self._drains: dict[str, Drain] = {}  # the grid's drains (NOTIFY, and each tick)
         self._drains_reload: asyncio.Task[None] | None = None
         self._executing = 0
@@ -232,7 +242,8 @@ class ReplicatedScheduler:
 
     async def submit(self, action_digest: Digest, action: re_pb2.Action,
                      requirements: Properties, *, priority: int = 0,
-                     skip_cache_lookup: bool = False, owner: str = "") -> Operation:
+                     skip_cache_lookup: bool = False, owner: str = "",
+                     request_metadata: bytes = b"") -> Operation:
         """Queue an action (or join an identical one); a new operation for it.
 
         The operation returned is what this call knows (a new job is QUEUED);
@@ -246,11 +257,14 @@ class ReplicatedScheduler:
             "action": action.SerializeToString(deterministic=True),
             "requirements": requirements_json, "priority": priority,
             "cacheable": not action.do_not_cache, "timeout": timeout,
-            "run_limit": timers.run_limit(timeout, self.settings), "owner": owner}
+            "run_limit": timers.run_limit(timeout, self.settings), "owner": owner,
+            "request_metadata": request_metadata,
+            "build": build_key(request_metadata, owner)}
         now = time.time()
         queued = Operation(name=name, instance=self.instance, job_id=job["id"],
                            action_digest=action_digest, stage=Stage.QUEUED, response=None,
-                           queued_at=now, created_at=now, owner=owner, priority=priority)
+                           queued_at=now, created_at=now, owner=owner, priority=priority,
+                           request_metadata=request_metadata)
         if self._queued < self.settings.max_queued:
             # Listening for the job's changes before it exists: none can be missed.
             waiter = self._watchers.subscribe(job["id"]).waiter()
@@ -267,7 +281,8 @@ class ReplicatedScheduler:
             tx, job, name=name, skip_cache_lookup=skip_cache_lookup, queued=self._queued))
         if joined is None:
             return queued
-        return operations.joined_view(name, joined, created_at=now, owner=owner)
+        return operations.joined_view(name, joined, created_at=now, owner=owner,
+                                      request_metadata=request_metadata)
 
     async def _submit_at_once(self, job: dict[str, Any], name: str,
                               requirements_json: str) -> bool:
@@ -289,7 +304,7 @@ class ReplicatedScheduler:
         return True
 
     async def record_cache_hit(self, action_digest: Digest, result: re_pb2.ActionResult,
-                               owner: str = "") -> Operation:
+                               owner: str = "", request_metadata: bytes = b"") -> Operation:
         response = outcomes.cache_hit(result)
         name = qualified(self.instance, f"operations/{self.new_id()}")
         job_id = self.new_id()
@@ -297,12 +312,13 @@ class ReplicatedScheduler:
             await conn.execute(operations.CACHE_HIT, {
                 "id": job_id, "instance": self.instance, "hash": action_digest.hash,
                 "size": action_digest.size_bytes, "response": response, "operation": name,
-                "owner": owner})
+                "owner": owner, "request_metadata": request_metadata})
         self.observations.ended(Outcome.CACHE_HIT)
         now = time.time()
         return Operation(name=name, instance=self.instance, job_id=job_id,
                          action_digest=action_digest, stage=Stage.COMPLETED, response=response,
-                         queued_at=now, created_at=now, owner=owner)
+                         queued_at=now, created_at=now, owner=owner,
+                         request_metadata=request_metadata)
 
     async def get_operation(self, name: str, caller: Caller | None = None) -> Operation:
         operation = await self._load_operation(name)
@@ -550,6 +566,9 @@ class ReplicatedScheduler:
     def queue_groups(self) -> list[QueueGroup]:
         return list(self._groups)
 
+    def build_kinds(self) -> list[BuildKindCount]:
+        return list(self._build_kinds)
+
     # ------------------------------------------------------------------- drains
     async def add_drain(self, pattern: str) -> Drain:
         pattern = check_pattern(pattern)
@@ -627,6 +646,10 @@ class ReplicatedScheduler:
             executing = await tx.value(
                 f"SELECT count(*) FROM grid_jobs WHERE instance = %s AND stage = {EXECUTING}",
                 (self.instance,))
+            unfinished = await tx.rows(
+                f"""SELECT stage, builds, count(*) AS jobs FROM grid_jobs
+                    WHERE instance = %s AND stage IN ({QUEUED}, {EXECUTING})
+                    GROUP BY stage, builds""", (self.instance,))
             finished = await tx.rows(
                 f"""SELECT floor(completed_at / %s)::bigint AS slot, count(*) AS jobs
                     FROM grid_jobs WHERE instance = %s AND stage = {COMPLETED}
@@ -639,6 +662,12 @@ class ReplicatedScheduler:
                                    float(row["oldest"])) for row in groups]
         self._queued = sum(group.queued for group in self._groups)
         self._executing = int(executing or 0)
+        counts = invocations.count_by_kind(
+            (row["builds"] for row in unfinished if row["stage"] == QUEUED
+             for _ in range(int(row["jobs"]))),
+            (row["builds"] for row in unfinished if row["stage"] == EXECUTING
+             for _ in range(int(row["jobs"]))))
+        self._build_kinds = [BuildKindCount(kind, *numbers) for kind, numbers in counts.items()]
 
     # ------------------------------------------------------------- housekeeping
     async def housekeep(self) -> None:

@@ -44,6 +44,7 @@ JOB_COLUMNS = (
 OPERATION_QUERY = f"""
     SELECT o.name AS op_name, o.created_at AS op_created_at, o.cancelled AS op_cancelled,
            o.own_response AS op_own_response, o.owner AS op_owner, s.bot_id AS lease_bot,
+           o.request_metadata AS op_request_metadata,
            {JOB_COLUMNS}
     FROM grid_operations o JOIN grid_jobs j ON j.id = o.job_id
     LEFT JOIN grid_sessions s ON s.name = j.lease_session"""
@@ -88,7 +89,7 @@ def operation_view(row: Row) -> Operation:
         else None,
         queued_at=row["queued_at"], created_at=row["op_created_at"], worker=worker or "",
         cancelled=row["op_cancelled"], attempts=row["attempts"], owner=row["op_owner"],
-        priority=row["priority"])
+        priority=row["priority"], request_metadata=bytes(row["op_request_metadata"] or b""))
 
 
 def lease_view(row: Row, state: LeaseState | None = None) -> Lease:

@@ -2,9 +2,17 @@
 
 - A bot can run a job when its properties include every (name, value) pair the
   job requires; it takes new work only while its status is OK (or unset).
-- Among the jobs a bot can run it takes the most urgent (lowest priority value,
-  then oldest); every 1/fairness-share-th assignment takes the oldest instead,
-  so that low-priority work is never starved (`Fairness`).
+- Among the jobs a bot can run it takes the one whose build is furthest below its
+  share (`fair_order`): the builds (rules.invocations.build_key) with the fewest
+  running actions go first, a more urgent one (lower priority value) counting
+  its running actions for less, so that it gets proportionally more bots; a
+  build that arrives while another holds every bot is served at the next free
+  slot.  Inside a build, the most urgent job, then the oldest.  With
+  `fair-builds` off, the most urgent job overall (`urgency`).  Every
+  1/fairness-share-th assignment takes the oldest job instead, an age guard so
+  that no job waits forever (`Fairness`).
+- With `max-running-per-build`, a build already running that many actions gets
+  no more until one ends.
 - A bot that failed a job (an infrastructure failure) gets it again only when no
   other live bot could run it, and only after a back-off that doubles with each
   attempt (`may_take`): a retry goes to the other bots first, and the one bot of
@@ -37,7 +45,17 @@ class Queued(Protocol):
     def seq(self) -> int: ...  # submission order
 
 
+class FairQueued(Queued, Protocol):
+    @property
+    def builds(self) -> Collection[str]: ...  # every build waiting for the job
+
+
 Q = TypeVar("Q", bound=Queued)
+F = TypeVar("F", bound=FairQueued)
+
+# Priority points that double what a build's running actions count for: a build
+# at priority -100 gets about twice the bots of one at 0, once both have work.
+PRIORITY_DOUBLING = 100.0
 
 
 def requirements_of(platform: Properties, settings: SchedulerConfig) -> Properties:
@@ -103,6 +121,28 @@ def urgency(job: Queued) -> tuple[int, int]:
     return job.priority, job.seq
 
 
+def build_load(running: int, priority: int) -> float:
+    """How far a build is into its share: its running actions, plus the one it would
+    get, weighed by the priority of its most urgent queued job."""
+    return (running + 1) * 2.0 ** (priority / PRIORITY_DOUBLING)
+
+
+def fair_order(job: FairQueued, running: Callable[[str], int]) -> tuple[float, int, int]:
+    """The fair order (lowest first): the load of the least loaded build waiting for
+    the job, then the usual urgency.  A job no build claims counts as the shared
+    anonymous build ""."""
+    least = min(running(build) for build in (job.builds or ("",)))
+    return build_load(least, job.priority), job.priority, job.seq
+
+
+def under_limit(job: FairQueued, running: Callable[[str], int], limit: int | None) -> bool:
+    """Whether a build waiting for the job may run one more action (always, without
+    `max-running-per-build`)."""
+    if limit is None:
+        return True
+    return any(running(build) < limit for build in (job.builds or ("",)))
+
+
 def age(job: Queued) -> tuple[int]:
     """The fairness order: oldest first, whatever the priority."""
     return (job.seq,)
@@ -136,11 +176,30 @@ class Fairness:
 
 def pick(jobs: Iterable[Q], properties: Properties, *, oldest_first: bool,
          eligible: Callable[[Q], bool] = lambda job: True) -> Q | None:
-    """The job a bot with `properties` takes next among queued `jobs` (reference rule)."""
+    """The job a bot with `properties` takes next among queued `jobs`, by urgency or
+    age alone (reference rule; `pick_fairly` with the builds' running actions)."""
     order = age if oldest_first else urgency
     best: Q | None = None
     for job in jobs:
         if satisfies(properties, job.requirements) and eligible(job) \
+                and (best is None or order(job) < order(best)):
+            best = job
+    return best
+
+
+def pick_fairly(jobs: Iterable[F], properties: Properties, *, oldest_first: bool,
+                running: Callable[[str], int], limit: int | None = None,
+                eligible: Callable[[F], bool] = lambda job: True) -> F | None:
+    """The job a bot with `properties` takes next among queued `jobs`, given how many
+    actions each build runs (reference rule of fair scheduling)."""
+    def fair(job: F) -> tuple[float, int, int]:
+        return fair_order(job, running)
+
+    order: Callable[[F], tuple[float | int, ...]] = age if oldest_first else fair
+    best: F | None = None
+    for job in jobs:
+        if satisfies(properties, job.requirements) and eligible(job) \
+                and under_limit(job, running, limit) \
                 and (best is None or order(job) < order(best)):
             best = job
     return best

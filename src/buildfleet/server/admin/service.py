@@ -17,6 +17,7 @@ from buildfleet.digest import Digest
 from buildfleet.errors import BuildfleetError, InvalidArgument, NotFound
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.model import BotSession, Operation, Properties, Stage
+from buildfleet.scheduler.rules import invocations
 from buildfleet.scheduler.rules.drains import Drain, matches
 from buildfleet.scheduler.rules.matching import satisfies, takes_work
 from buildfleet.server import principal
@@ -153,7 +154,9 @@ class AdminService:
             name=operation.name, stage=operation.stage.name,
             action_digest=proto_digest(operation.action_digest), submitter=operation.owner,
             worker=operation.worker, attempts=operation.attempts,
-            cancelled=operation.cancelled, priority=operation.priority)
+            cancelled=operation.cancelled, priority=operation.priority,
+            request_metadata=invocations.request_metadata(operation.request_metadata),
+            build=invocations.build_key(operation.request_metadata, operation.owner))
         summary.queued.FromNanoseconds(int(operation.queued_at * 1e9))
         if response is None:
             response = _response(operation)
@@ -183,7 +186,10 @@ class AdminService:
                     if (not stage or op.stage.name == stage)
                     and (not request.bot_id or op.worker == request.bot_id)
                     and (not request.action_hash or op.action_digest.hash == request.action_hash)
-                    and (not request.submitter or op.owner == request.submitter)]
+                    and (not request.submitter or op.owner == request.submitter)
+                    and (not request.invocation
+                         or invocations.of_build(op.request_metadata, op.owner,
+                                                 request.invocation))]
         page, token = paged(selected, instance=request.instance_name,
                             page_size=request.page_size, page_token=request.page_token,
                             newest_first=True)

@@ -3,7 +3,9 @@
 Execute checks that the Action and Command are in the CAS (FAILED_PRECONDITION
 with a PreconditionFailure listing each missing blob otherwise), answers from
 the action cache when it can, and otherwise hands the action to the instance's
-scheduler and streams the operation until it completes.
+scheduler and streams the operation until it completes.  The client's
+RequestMetadata header (the tool, its invocation, the action's mnemonic and
+target) is kept with the operation; a malformed one is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from buildfleet.digest import Digest, check_digest_function
 from buildfleet.errors import InvalidArgument, NotFound, Unimplemented
 from buildfleet.scheduler.api import SchedulerAPI
 from buildfleet.scheduler.protos import operation_proto, platform_requirements
+from buildfleet.scheduler.rules.invocations import (
+    REQUEST_METADATA_HEADER,
+    checked_request_metadata,
+)
 from buildfleet.scheduler.rules.matching import requirements_of
 from buildfleet.server import principal
 from buildfleet.server.capabilities.service import clamp_priority
@@ -37,6 +43,14 @@ def parse_command(data: bytes, digest: Digest) -> re_pb2.Command:
     except DecodeError as error:
         raise InvalidArgument(f"command {digest} is not a valid Command") from error
     return command
+
+
+def _header(context: grpc.aio.ServicerContext, key: str) -> bytes:
+    """The value of a binary request header (b"" when absent)."""
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, bytes) else value.encode()
+    return b""
 
 
 def executing_scheduler(instance: Instance) -> SchedulerAPI:
@@ -83,6 +97,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
         scheduler = executing_scheduler(instance)
         check_digest_function(request.digest_function)
         action_digest = Digest.from_proto(request.action_digest, "action_digest")
+        metadata = checked_request_metadata(_header(context, REQUEST_METADATA_HEADER))
         action = await instance.cas.get_message(action_digest, re_pb2.Action, "action")
         if action is None:
             raise missing_blobs_error([action_digest], "the action is not in the CAS")
@@ -109,15 +124,16 @@ class ExecutionService(re_grpc.ExecutionServicer):
                     inline_stderr=request.inline_stderr,
                     inline_paths=request.inline_output_files,
                     limit=int(instance.settings.max_inline_size))
-                operation = await scheduler.record_cache_hit(action_digest, cached,
-                                                             owner=principal.owner())
+                operation = await scheduler.record_cache_hit(
+                    action_digest, cached, owner=principal.owner(), request_metadata=metadata)
                 yield operation_proto(operation)
                 return
         operation = await scheduler.submit(
             action_digest, action,
             requirements_of(platform_requirements(platform), instance.settings.scheduler),
             priority=clamp_priority(request.execution_policy.priority),
-            skip_cache_lookup=request.skip_cache_lookup, owner=principal.owner())
+            skip_cache_lookup=request.skip_cache_lookup, owner=principal.owner(),
+            request_metadata=metadata)
         async for message in scheduler.watch(operation):
             yield with_stream_names(self.logs, request.instance_name, message)
 

@@ -52,6 +52,8 @@ NAMES = frozenset({
     "buildfleet_queue_depth",
     "buildfleet_queue_oldest_age_seconds",
     "buildfleet_actions_executing",
+    "buildfleet_builds",
+    "buildfleet_build_actions",
     "buildfleet_actions_total",
     "buildfleet_requeues_total",
     "buildfleet_deduplicated_submissions_total",
@@ -137,6 +139,14 @@ class GridCollector(Collector):
                                    "waited.", labels=["instance", "platform"])
         executing = GaugeMetricFamily(f"{PREFIX}_actions_executing",
                                       "Actions a bot is running.", labels=["instance"])
+        builds = GaugeMetricFamily(
+            f"{PREFIX}_builds", "Builds with queued or running actions, by kind "
+            "(correlated invocation, tool invocation, principal, anonymous).",
+            labels=["instance", "kind"])
+        build_actions = GaugeMetricFamily(
+            f"{PREFIX}_build_actions", "Queued and running actions by the kind of build "
+            "they count towards (an action two builds wait for counts for each).",
+            labels=["instance", "kind", "state"])
         ended = CounterMetricFamily(f"{PREFIX}_actions", "Actions ended, by outcome.",
                                     labels=["instance", "outcome"])
         requeues = CounterMetricFamily(f"{PREFIX}_requeues", "Leases taken back and their "
@@ -179,6 +189,10 @@ class GridCollector(Collector):
                 depth.add_metric([name, platform], group.queued)
                 oldest.add_metric([name, platform], max(0.0, now - group.oldest_queued_at))
             executing.add_metric([name], scheduler.executing())
+            for kind in scheduler.build_kinds():
+                builds.add_metric([name, kind.kind], kind.builds)
+                build_actions.add_metric([name, kind.kind, "queued"], kind.queued)
+                build_actions.add_metric([name, kind.kind, "running"], kind.running)
             seen = scheduler.observations
             for outcome in Outcome:
                 ended.add_metric([name, outcome.value], seen.outcomes.get(outcome.value, 0))
@@ -190,7 +204,8 @@ class GridCollector(Collector):
                                   ("execution", seen.execution_seconds),
                                   ("total", seen.total_seconds)):
                 _histogram(durations[key], [name], observed)
-        return [bots, capacity, connected, draining, depth, oldest, executing, ended, requeues,
+        return [bots, capacity, connected, draining, depth, oldest, executing, builds,
+                build_actions, ended, requeues,
                 deduplicated, refused, *durations.values(), *self._storage()]
 
     def _storage(self) -> list[Metric]:

@@ -360,11 +360,11 @@ class Pages:
     async def operations(self, request: web.Request) -> web.Response:
         instance = self._instance(request)
         filters = {key: request.query.get(key, "").strip()
-                   for key in ("stage", "bot", "submitter", "action", "page")}
+                   for key in ("stage", "bot", "submitter", "action", "invocation", "page")}
         answer = await self.call(request, "ListOperations", admin_pb2.ListOperationsRequest(
             instance_name=instance, stage=filters["stage"], bot_id=filters["bot"],
             submitter=filters["submitter"], action_hash=filters["action"],
-            page_size=PAGE_SIZE, page_token=filters["page"]))
+            invocation=filters["invocation"], page_size=PAGE_SIZE, page_token=filters["page"]))
         return self.render(request, "operations.html", title="Operations", filters=filters,
                            operations=list(answer.operations),
                            next_page=answer.next_page_token,

@@ -161,7 +161,7 @@ class RemoveDrainRequest(_message.Message):
     def __init__(self, instance_name: _Optional[str] = ..., pattern: _Optional[str] = ...) -> None: ...
 
 class OperationSummary(_message.Message):
-    __slots__ = ("name", "stage", "action_digest", "submitter", "worker", "queued", "attempts", "cancelled", "status", "message", "ran", "exit_code", "cached", "priority")
+    __slots__ = ("name", "stage", "action_digest", "submitter", "worker", "queued", "attempts", "cancelled", "status", "message", "ran", "exit_code", "cached", "priority", "request_metadata", "build")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,8 @@ class OperationSummary(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_METADATA_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
     name: str
     stage: str
     action_digest: _remote_execution_pb2.Digest
@@ -190,7 +192,9 @@ class OperationSummary(_message.Message):
     exit_code: int
     cached: bool
     priority: int
-    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., submitter: _Optional[str] = ..., worker: _Optional[str] = ..., queued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., cancelled: _Optional[bool] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., ran: _Optional[bool] = ..., exit_code: _Optional[int] = ..., cached: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
+    request_metadata: _remote_execution_pb2.RequestMetadata
+    build: str
+    def __init__(self, name: _Optional[str] = ..., stage: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., submitter: _Optional[str] = ..., worker: _Optional[str] = ..., queued: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., cancelled: _Optional[bool] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., ran: _Optional[bool] = ..., exit_code: _Optional[int] = ..., cached: _Optional[bool] = ..., priority: _Optional[int] = ..., request_metadata: _Optional[_Union[_remote_execution_pb2.RequestMetadata, _Mapping]] = ..., build: _Optional[str] = ...) -> None: ...
 
 class OperationDetail(_message.Message):
     __slots__ = ("summary", "arguments", "working_directory", "platform", "output_paths", "timeout", "execution_metadata", "stdout_digest", "stderr_digest")
@@ -215,7 +219,7 @@ class OperationDetail(_message.Message):
     def __init__(self, summary: _Optional[_Union[OperationSummary, _Mapping]] = ..., arguments: _Optional[_Iterable[str]] = ..., working_directory: _Optional[str] = ..., platform: _Optional[_Iterable[_Union[Property, _Mapping]]] = ..., output_paths: _Optional[_Iterable[str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., execution_metadata: _Optional[_Union[_remote_execution_pb2.ExecutedActionMetadata, _Mapping]] = ..., stdout_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., stderr_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ...) -> None: ...
 
 class ListOperationsRequest(_message.Message):
-    __slots__ = ("instance_name", "stage", "bot_id", "action_hash", "submitter", "page_size", "page_token")
+    __slots__ = ("instance_name", "stage", "bot_id", "action_hash", "submitter", "page_size", "page_token", "invocation")
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     BOT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +227,7 @@ class ListOperationsRequest(_message.Message):
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INVOCATION_FIELD_NUMBER: _ClassVar[int]
     instance_name: str
     stage: str
     bot_id: str
@@ -230,7 +235,8 @@ class ListOperationsRequest(_message.Message):
     submitter: str
     page_size: int
     page_token: str
-    def __init__(self, instance_name: _Optional[str] = ..., stage: _Optional[str] = ..., bot_id: _Optional[str] = ..., action_hash: _Optional[str] = ..., submitter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    invocation: str
+    def __init__(self, instance_name: _Optional[str] = ..., stage: _Optional[str] = ..., bot_id: _Optional[str] = ..., action_hash: _Optional[str] = ..., submitter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., invocation: _Optional[str] = ...) -> None: ...
 
 class ListOperationsResponse(_message.Message):
     __slots__ = ("operations", "next_page_token")
