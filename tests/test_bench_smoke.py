@@ -90,3 +90,26 @@ def test_scheduler_benchmark_runs_with_metrics_on() -> None:
                             "--metrics")
     assert figures["completed"] == 20
     assert figures["errors"] == 0 and figures["wrong_results"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_fairness_benchmark_runs_both_ways() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "fairness.py"), "--bots", "2", "--big", "30",
+         "--small", "4", "--duration", "0.01", "--delay", "0.1"],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [run["fair_builds"] for run in runs] == [True, False]  # (results are checked)
+    core = run_benchmark("fairness.py", "--core", "300")
+    assert core["actions"] == 300
+    picks = run_benchmark("fairness.py", "--selection", "3000", "--groups", "30")
+    assert picks["order"] == "fair"
+
+
+@pytest.mark.timeout(300)
+async def test_fairness_claim_benchmark_runs() -> None:
+    await require_postgres()
+    figures = await asyncio.to_thread(run_benchmark, "fairness.py", "--selection", "2000",
+                                      "--groups", "20", "--postgres", base_url())
+    assert figures["order"] == "fair" and figures["queued"] == 2000

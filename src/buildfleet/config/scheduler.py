@@ -33,6 +33,9 @@ class SchedulerConfig(Model):
     fairness_share: float = Field(default=0.1, ge=0, le=1)  # picks that take the oldest job
     # Share the bots between builds (rules.matching.fair_order); off: by priority alone.
     fair_builds: bool = True
+    # What makes a build (rules.invocations.build_key), the first that an operation has.
+    fair_share_by: tuple[Literal["correlated", "invocation", "principal"], ...] = (
+        "correlated", "invocation", "principal")
     # The most actions one build (invocation, or principal) runs at once; None: no limit.
     max_running_per_build: int | None = Field(default=None, ge=1)
     lease_offer: Literal["active", "pending"] = "active"

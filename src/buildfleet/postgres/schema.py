@@ -199,8 +199,42 @@ MIGRATIONS: list[str] = [
     ALTER TABLE grid_operations ADD COLUMN request_metadata bytea NOT NULL DEFAULT '';
     """,
     # version 10: the builds a job counts towards (rules.invocations.build_key of each
-    # operation waiting for it), for fair shares between builds
+    # operation waiting for it), for fair shares between builds; and the queue by
+    # build: a row per queued job and build waiting for it, kept by a trigger on
+    # every change of a job's stage, builds or priority (scheduler/replicated/bots.py
+    # reads it in the fair order)
     """
     ALTER TABLE grid_jobs ADD COLUMN builds text[] NOT NULL DEFAULT '{}';
+    CREATE TABLE grid_queue (
+        instance text NOT NULL,
+        build text NOT NULL,
+        priority integer NOT NULL,
+        seq bigint NOT NULL,
+        job_id text NOT NULL,
+        PRIMARY KEY (instance, build, priority, seq, job_id)
+    );
+    CREATE INDEX grid_queue_job ON grid_queue (job_id);
+    CREATE FUNCTION grid_queue_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' AND OLD.stage = 2 AND (TG_OP = 'DELETE' OR NEW.stage <> 2
+                OR NEW.builds IS DISTINCT FROM OLD.builds
+                OR NEW.priority <> OLD.priority) THEN
+            DELETE FROM grid_queue WHERE job_id = OLD.id;
+        END IF;
+        IF TG_OP <> 'DELETE' AND NEW.stage = 2 AND (TG_OP = 'INSERT' OR OLD.stage <> 2
+                OR NEW.builds IS DISTINCT FROM OLD.builds
+                OR NEW.priority <> OLD.priority) THEN
+            INSERT INTO grid_queue (instance, build, priority, seq, job_id)
+            SELECT NEW.instance, b, NEW.priority, NEW.seq, NEW.id
+            FROM unnest(CASE WHEN cardinality(NEW.builds) = 0 THEN ARRAY['']::text[]
+                        ELSE NEW.builds END) AS b
+            ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER grid_queue_sync AFTER INSERT OR DELETE OR UPDATE OF stage, builds, priority
+        ON grid_jobs FOR EACH ROW EXECUTE FUNCTION grid_queue_sync();
+    INSERT INTO grid_queue (instance, build, priority, seq, job_id)
+        SELECT instance, '', priority, seq, id FROM grid_jobs WHERE stage = 2;
     """,
 ]

@@ -243,3 +243,16 @@ def test_builds_are_counted_by_kind_for_metrics() -> None:
     assert counts["principal"] == (1, 0, 1)
     assert counts["anonymous"] == (1, 2, 0)
     assert set(counts) == {"correlated", "invocation", "principal", "anonymous"}
+
+
+def test_what_makes_a_build_is_configurable() -> None:
+    both = re_pb2.RequestMetadata(tool_invocation_id="inv", correlated_invocations_id="ci")
+    data = both.SerializeToString()
+    assert build_key(data, "alice", ("principal",)) == "principal:alice"
+    assert build_key(data, "alice", ("invocation", "principal")) == "invocation:inv"
+    assert build_key(data, "", ("principal",)) == ""  # anonymous: the shared build
+    assert build_key(b"", "bob", ("correlated", "invocation")) == ""
+    settings = SchedulerConfig(fair_share_by=["principal"])
+    assert settings.fair_share_by == ("principal",)
+    with pytest.raises(ValueError, match="fair_share_by"):
+        SchedulerConfig(fair_share_by=["hostname"])

@@ -48,8 +48,10 @@ class _Platform:
     members: set[JobRecord] = field(default_factory=set)
     by_age: list[tuple[int, JobRecord]] = field(default_factory=list)
     builds: dict[str, _Build] = field(default_factory=dict)
-    # (load, priority, seq of the head, tiebreak, build)
+    # (load, priority, seq of the head, entry id, build); a build's live entry is the
+    # one `ranked` names, any other of its entries is dropped when it surfaces
     ranking: list[tuple[float, int, int, int, str]] = field(default_factory=list)
+    ranked: dict[str, tuple[tuple[float, int, int], int]] = field(default_factory=dict)
 
 
 def _valid(platform: _Platform, entry: tuple[int, int, int, JobRecord]) -> bool:
@@ -112,28 +114,44 @@ class JobQueue:
             return [""]
         return sorted(job.builds) or [""]
 
+    def _key(self, name: str, head: JobRecord) -> tuple[float, int, int]:
+        load = build_load(self.running(name), head.priority) if self.fair else 0.0
+        return load, head.priority, head.seq
+
+    def _enter(self, platform: _Platform, name: str, key: tuple[float, int, int]) -> None:
+        entry = next(_tiebreak)
+        platform.ranked[name] = (key, entry)
+        heapq.heappush(platform.ranking, (*key, entry, name))
+
     def _rank(self, platform: _Platform, name: str) -> None:
-        """A fresh ranking entry for build `name` on `platform` (none when it is empty)."""
+        """Call when build `name`'s place on `platform` may have moved forward (a job
+        came, its load went down): a fresh entry if it did.  A place that moved back
+        is found out when its entry surfaces."""
         build = platform.builds.get(name)
         head = None if build is None else _head(platform, build)
         if head is None:
             platform.builds.pop(name, None)
+            platform.ranked.pop(name, None)
             return
-        load = build_load(self.running(name), head.priority) if self.fair else 0.0
-        heapq.heappush(platform.ranking, (load, head.priority, head.seq, next(_tiebreak), name))
-        if len(platform.ranking) > 4 * len(platform.builds) + 64:
+        key = self._key(name, head)
+        live = platform.ranked.get(name)
+        if live is not None and live[0] <= key:
+            return
+        self._enter(platform, name, key)
+        if len(platform.ranking) > 2 * len(platform.builds) + 64:
             self._rebuild_ranking(platform)
 
     def _rebuild_ranking(self, platform: _Platform) -> None:
-        platform.ranking = []
+        platform.ranking, platform.ranked = [], {}
         for name in list(platform.builds):
-            build = platform.builds[name]
-            head = _head(platform, build)
+            head = _head(platform, platform.builds[name])
             if head is None:
                 del platform.builds[name]
                 continue
-            load = build_load(self.running(name), head.priority) if self.fair else 0.0
-            platform.ranking.append((load, head.priority, head.seq, next(_tiebreak), name))
+            key = self._key(name, head)
+            entry = next(_tiebreak)
+            platform.ranked[name] = (key, entry)
+            platform.ranking.append((*key, entry, name))
         heapq.heapify(platform.ranking)
 
     def push(self, job: JobRecord) -> None:
@@ -197,17 +215,20 @@ class JobQueue:
         ranking = platform.ranking
         while ranking and (found is None or ranking[0][:3] < found[0]):
             entry = heapq.heappop(ranking)
-            load, priority, seq, _, name = entry
+            name = entry[4]
+            live = platform.ranked.get(name)
+            if live is None or live[1] != entry[3]:
+                continue  # an entry that a newer one of its build replaced
             build = platform.builds.get(name)
             head = None if build is None else _head(platform, build)
             if build is None or head is None:
                 platform.builds.pop(name, None)
+                platform.ranked.pop(name, None)
                 continue
             running = self.running(name)
-            current = build_load(running, head.priority) if self.fair else 0.0
-            if (current, head.priority, head.seq) != (load, priority, seq):
-                heapq.heappush(ranking, (current, head.priority, head.seq, next(_tiebreak),
-                                         name))
+            key = self._key(name, head)
+            if key != entry[:3]:  # its place moved: back in at the new one
+                self._enter(platform, name, key)
                 continue
             skipped.append(entry)
             if self.limit is not None and running >= self.limit:

@@ -81,7 +81,8 @@ def restore(state: EmbeddedState, stored: StoredState) -> None:
         state.operations[operation.name] = operation
         if not operation.cancelled:
             target.operations.add(operation.name)
-            target.builds.add(build_key(operation.request_metadata, operation.owner))
+            target.builds.add(build_key(operation.request_metadata, operation.owner,
+                                        state.settings.fair_share_by))
         if operation.done:
             state.expire_later(operation)
     for job in running:

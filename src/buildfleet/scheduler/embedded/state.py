@@ -134,7 +134,8 @@ class EmbeddedState:
                 action=action, requirements=requirements, priority=priority,
                 cacheable=cacheable, timeout=timeout,
                 run_limit=timers.run_limit(timeout, self.settings), queued_at=self.wall(),
-                seq=next(self.seq), builds={build_key(request_metadata, owner)})
+                seq=next(self.seq),
+                builds={build_key(request_metadata, owner, self.settings.fair_share_by)})
             self.jobs[job.id] = job
             if cacheable:
                 self.in_flight[action_digest] = job
@@ -182,7 +183,8 @@ class EmbeddedState:
         self.operations[name] = operation
         job.operations.add(name)
         if not job.done:
-            self.join_build(job, build_key(request_metadata, owner))
+            self.join_build(job, build_key(request_metadata, owner,
+                                           self.settings.fair_share_by))
         self.store.save_operation(operation)
         if job.done:  # a cache hit, or a job that just succeeded: done from the start
             self.done_marks[name] = self.store.queued  # (it stays in memory until stored)
@@ -264,7 +266,7 @@ class EmbeddedState:
     # ------------------------------------------------------------- fair shares
     def running_of(self, build: str) -> int:
         """How many actions `build` runs now."""
-        return self.running_builds[build]
+        return self.running_builds.get(build, 0)
 
     def started(self, job: JobRecord) -> None:
         self.executing.add(job)

@@ -52,7 +52,7 @@ from buildfleet.scheduler.replicated.transactions import Tx
 from buildfleet.scheduler.results import LeasedJob
 from buildfleet.scheduler.rules import ownership, reports
 from buildfleet.scheduler.rules.drains import drained
-from buildfleet.scheduler.rules.matching import PRIORITY_DOUBLING, Fairness, takes_work
+from buildfleet.scheduler.rules.matching import Fairness, build_load, takes_work
 from buildfleet.scheduler.rules.outcomes import Completion, Requeue
 from buildfleet.scheduler.rules.ownership import Caller
 
@@ -222,30 +222,9 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
 # The claim: `rules.matching` in SQL (tests/contract/test_claim_agrees.py holds it to
 # the core).  A job the bot can run (its properties contain the requirements), that
 # it did not fail -- or, when it did, whose back-off is over and that no other live
-# bot which may yet work and did not fail it could run; in `fair_order` (the load of
-# its least loaded build, counted from the jobs running now, then urgency), or most
-# urgent first with fair-builds off, or oldest first for an age-guard pick.  With
-# max-running-per-build, only jobs a build under its limit waits for.
-_BUILDS = "(CASE WHEN cardinality(j.builds) = 0 THEN ARRAY['']::text[] ELSE j.builds END)"
-_LOAD = f"""
-    load AS (
-        SELECT b.build, count(*)::float8 AS running
-        FROM grid_jobs r CROSS JOIN LATERAL unnest(CASE WHEN cardinality(r.builds) = 0
-            THEN ARRAY['']::text[] ELSE r.builds END) AS b(build)
-        WHERE r.instance = %(instance)s AND r.stage = {EXECUTING}
-        GROUP BY b.build),"""
-_LEAST_RUNNING = f"""(SELECT coalesce(min(coalesce(l.running, 0)), 0)
-                  FROM unnest({_BUILDS}) AS b(build) LEFT JOIN load l USING (build))"""
-_UNDER_LIMIT = f"""
-          AND (%(limit)s::int IS NULL OR EXISTS (
-               SELECT 1 FROM unnest({_BUILDS}) AS b(build) LEFT JOIN load l USING (build)
-               WHERE coalesce(l.running, 0) < %(limit)s))"""
-_FAIR_ORDER = (f"({_LEAST_RUNNING} + 1) * power(2.0::float8, j.priority / "
-               f"{PRIORITY_DOUBLING!r}::float8), j.priority, j.seq")
-_CLAIM = f"""
-    WITH {{load}} picked AS (
-        SELECT j.id FROM grid_jobs j
-        WHERE j.instance = %(instance)s AND j.stage = {QUEUED}
+# bot which may yet work and did not fail it could run.
+_ELIGIBLE = f"""
+          j.instance = %(instance)s AND j.stage = {QUEUED}
           AND %(properties)s::jsonb @> j.requirements
           AND (NOT j.failed_on ? %(bot)s OR (
                (j.retry_at IS NULL OR j.retry_at <= {NOW})
@@ -253,11 +232,27 @@ _CLAIM = f"""
                    SELECT 1 FROM grid_sessions s
                    WHERE s.instance = j.instance AND s.name <> %(name)s
                      AND s.last_seen > {NOW} - %(keepalive)s AND s.status <> {TERMINATING}
-                     AND s.properties @> j.requirements AND NOT j.failed_on ? s.bot_id)))
-          {{limit}}
-        ORDER BY {{order}}
-        LIMIT %(slots)s
-        FOR UPDATE SKIP LOCKED)
+                     AND s.properties @> j.requirements AND NOT j.failed_on ? s.bot_id)))"""
+# Most urgent first (fair-builds off), or oldest first for an age-guard pick (with
+# max-running-per-build: only jobs a build under its limit waits for).
+_BUILDS = "(CASE WHEN cardinality(j.builds) = 0 THEN ARRAY['']::text[] ELSE j.builds END)"
+_UNDER_LIMIT = f"""
+          AND (%(limit)s::int IS NULL OR EXISTS (
+               SELECT 1 FROM unnest({_BUILDS}) AS b(build)
+               WHERE (SELECT count(*) FROM grid_jobs r
+                      WHERE r.instance = j.instance AND r.stage = {EXECUTING}
+                        AND b.build = ANY(CASE WHEN cardinality(r.builds) = 0
+                                          THEN ARRAY['']::text[] ELSE r.builds END))
+                     < %(limit)s))"""
+_PICK = f"""
+        SELECT j.id FROM grid_jobs j WHERE {_ELIGIBLE} {{limit}}
+        ORDER BY {{order}} LIMIT %(slots)s FOR UPDATE SKIP LOCKED"""
+# The fair order's choice is made before (`_choose_fairly`): the claim takes it.
+_CHOSEN = f"""
+        SELECT j.id FROM grid_jobs j WHERE j.id = %(chosen)s AND j.stage = {QUEUED}
+        FOR UPDATE SKIP LOCKED"""
+_CLAIM = f"""
+    WITH picked AS ({{pick}})
     UPDATE grid_jobs j SET stage = {EXECUTING}, lease_session = %(name)s,
         lease_state = %(state)s, lease_delivered = true, deadline = {NOW} + j.run_limit,
         unmatched_since = NULL
@@ -265,28 +260,87 @@ _CLAIM = f"""
     RETURNING {JOB_COLUMNS}, CASE WHEN %(channel)s <> '' THEN pg_notify(%(channel)s, CASE
         WHEN octet_length(%(prefix)s || j.id || %(news)s) <= %(most)s
         THEN %(prefix)s || j.id || %(news)s ELSE %(prefix)s || j.id END) END"""
-CLAIM_BY_URGENCY = _CLAIM.format(load="", limit="", order="j.priority, j.seq")
-CLAIM_BY_AGE = _CLAIM.format(load="", limit="", order="j.seq")
-CLAIM_FAIRLY = _CLAIM.format(load=_LOAD, limit=_UNDER_LIMIT, order=_FAIR_ORDER)
-CLAIM_OLDEST_FAIRLY = _CLAIM.format(load=_LOAD, limit=_UNDER_LIMIT, order="j.seq")
+CLAIM_BY_URGENCY = _CLAIM.format(pick=_PICK.format(limit="", order="j.priority, j.seq"))
+CLAIM_BY_AGE = _CLAIM.format(pick=_PICK.format(limit="", order="j.seq"))
+CLAIM_OLDEST_FAIRLY = _CLAIM.format(pick=_PICK.format(limit=_UNDER_LIMIT, order="j.seq"))
+CLAIM_CHOSEN = _CLAIM.format(pick=_CHOSEN)
+
+# The fair order (`rules.matching.fair_order`) without looking at every queued job.
+# grid_queue holds a row per queued job and build waiting for it (a trigger keeps it;
+# schema version 10), indexed by build, then urgency.  The running actions per build:
+_LOADS = f"""
+    SELECT b.build, count(*) AS running
+    FROM grid_jobs r CROSS JOIN LATERAL unnest(CASE WHEN cardinality(r.builds) = 0
+        THEN ARRAY['']::text[] ELSE r.builds END) AS b(build)
+    WHERE r.instance = %(instance)s AND r.stage = {EXECUTING}
+    GROUP BY b.build"""
+# Each build's most urgent queued job (whoever can run it), one index probe per
+# build (a loose index scan):
+_HEADS = """
+    WITH RECURSIVE heads AS (
+        (SELECT build, priority, seq FROM grid_queue WHERE instance = %(instance)s
+         ORDER BY build, priority, seq LIMIT 1)
+        UNION ALL
+        SELECT next.build, next.priority, next.seq FROM heads h CROSS JOIN LATERAL (
+            SELECT q.build, q.priority, q.seq FROM grid_queue q
+            WHERE q.instance = %(instance)s AND q.build > h.build
+            ORDER BY q.build, q.priority, q.seq LIMIT 1) next)
+    SELECT build, priority, seq FROM heads"""
+# A build's most urgent job that this bot may take:
+_BEST_OF_BUILD = f"""
+    SELECT j.id, j.priority, j.seq FROM grid_queue q JOIN grid_jobs j ON j.id = q.job_id
+    WHERE q.instance = %(instance)s AND q.build = %(build)s AND {_ELIGIBLE}
+    ORDER BY q.priority, q.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"""
+
+
+async def _choose_fairly(tx: Tx, parameters: dict[str, object]) -> str | None:
+    """The job `rules.matching.pick_fairly` gives the bot: builds are visited from
+    the lowest load their most urgent job could have (their head's: any other job of
+    theirs weighs at least as much) until no build left could beat the best job
+    found."""
+    loads = {row["build"]: int(row["running"]) for row in await tx.rows(_LOADS, parameters)}
+    limit = tx.settings.max_running_per_build
+    bounds = sorted(
+        (build_load(loads.get(row["build"], 0), row["priority"]), row["priority"],
+         row["seq"], row["build"])
+        for row in await tx.rows(_HEADS, parameters)
+        if limit is None or loads.get(row["build"], 0) < limit)
+    best: tuple[tuple[float, int, int], str] | None = None
+    for bound in bounds:
+        if best is not None and bound[:3] >= best[0]:
+            break
+        build = bound[3]
+        row = await tx.row(_BEST_OF_BUILD, {**parameters, "build": build})
+        if row is None:
+            continue
+        key = (build_load(loads.get(build, 0), row["priority"]), row["priority"], row["seq"])
+        if best is None or key < best[0]:
+            best = (key, row["id"])
+    return None if best is None else best[1]
 
 
 async def claim_batch(tx: Tx, session: Row, properties: Properties, slots: int,
                       oldest_first: bool, offer_pending: bool) -> list[Row]:
     """One claim statement; it announces each job it leases (with its news when they
-    fit, as `notes.job_note` writes them)."""
+    fit, as `notes.job_note` writes them).  In the fair order, one job."""
     news = JobNews(Stage.EXECUTING, session["bot_id"])
-    if tx.settings.fair_builds:
-        statement = CLAIM_OLDEST_FAIRLY if oldest_first else CLAIM_FAIRLY
-    else:
-        statement = CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY
-    claimed = await tx.rows(statement, {
+    parameters: dict[str, object] = {
         "instance": tx.instance, "properties": properties_json(properties),
         "bot": session["bot_id"], "name": session["name"],
         "keepalive": tx.settings.keepalive, "slots": slots,
         "state": PENDING if offer_pending else ACTIVE, "channel": tx.job_channel,
         "prefix": tx.instance + SEPARATOR, "news": news_suffix(news), "most": MAX_PAYLOAD,
-        "limit": tx.settings.max_running_per_build})
+        "limit": tx.settings.max_running_per_build}
+    if not tx.settings.fair_builds:
+        statement = CLAIM_BY_AGE if oldest_first else CLAIM_BY_URGENCY
+    elif oldest_first:
+        statement = CLAIM_OLDEST_FAIRLY
+    else:
+        chosen = await _choose_fairly(tx, parameters)
+        if chosen is None:
+            return []
+        statement, parameters["chosen"] = CLAIM_CHOSEN, chosen
+    claimed = await tx.rows(statement, parameters)
     for row in claimed:
         if tx.job_channel:
             tx.announced(row["id"], job_note(tx.instance, row["id"], news)[1])

@@ -259,7 +259,7 @@ class ReplicatedScheduler:
             "cacheable": not action.do_not_cache, "timeout": timeout,
             "run_limit": timers.run_limit(timeout, self.settings), "owner": owner,
             "request_metadata": request_metadata,
-            "build": build_key(request_metadata, owner)}
+            "build": build_key(request_metadata, owner, self.settings.fair_share_by)}
         now = time.time()
         queued = Operation(name=name, instance=self.instance, job_id=job["id"],
                            action_digest=action_digest, stage=Stage.QUEUED, response=None,

@@ -8,12 +8,14 @@ than once), the action's mnemonic and its target.  The scheduler keeps it with e
 operation, in the client's encoding, so that operators can see whose build an
 action belongs to, and `build_key` names the build an operation counts towards:
 the correlated invocation, else the tool invocation, else the principal that
-submitted it, else one build that every anonymous client shares.
+submitted it, else one build that every anonymous client shares.  Which of these
+count, in which order, is the scheduler's `fair-share-by` (all three by default;
+`[principal]` shares the bots between users rather than builds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -74,21 +76,28 @@ def count_by_kind(queued: Iterable[Iterable[str]], running: Iterable[Iterable[st
     return {kind: (len(builds[kind]), counts[kind][0], counts[kind][1]) for kind in BUILD_KINDS}
 
 
-def of_build(data: bytes, owner: str, wanted: str) -> bool:
+KEYS = ("correlated", "invocation", "principal")  # `fair-share-by`'s default order
+
+
+def of_build(data: bytes, owner: str, wanted: str, keys: Sequence[str] = KEYS) -> bool:
     """Whether an operation belongs to `wanted`: one of its invocation ids, or its
     build key."""
     metadata = request_metadata(data)
     return wanted in (metadata.tool_invocation_id, metadata.correlated_invocations_id,
-                      build_key(data, owner))
+                      build_key(data, owner, keys))
 
 
-def build_key(data: bytes, owner: str) -> str:
-    """The build an operation counts towards (see the module docstring)."""
-    metadata = request_metadata(data)
-    if metadata.correlated_invocations_id:
-        return "correlated:" + metadata.correlated_invocations_id
-    if metadata.tool_invocation_id:
-        return "invocation:" + metadata.tool_invocation_id
-    if owner:
-        return "principal:" + owner
+def build_key(data: bytes, owner: str, keys: Sequence[str] = KEYS) -> str:
+    """The build an operation counts towards: the first of `keys` it has (see the
+    module docstring), else the shared build ""."""
+    metadata = request_metadata(data) if data and keys != ("principal",) else None
+    for key in keys:
+        if key == "principal":
+            if owner:
+                return "principal:" + owner
+        elif metadata is not None:
+            value = (metadata.correlated_invocations_id if key == "correlated"
+                     else metadata.tool_invocation_id)
+            if value:
+                return f"{key}:{value}"
     return ""

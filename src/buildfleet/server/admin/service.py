@@ -146,8 +146,12 @@ class AdminService:
                            existing or Drain(request.pattern.strip(), time.time()))
 
     # --------------------------------------------------------------- operations
-    @staticmethod
-    def _summary(operation: Operation, response: re_pb2.ExecuteResponse | None = None
+    def _build_keys(self, instance: str) -> tuple[str, ...]:
+        """What makes a build on `instance` (its scheduler's `fair-share-by`)."""
+        found = self.instances.by_name.get(instance)
+        return invocations.KEYS if found is None else found.settings.scheduler.fair_share_by
+
+    def _summary(self, operation: Operation, response: re_pb2.ExecuteResponse | None = None
                  ) -> admin_pb2.OperationSummary:
         """`response`: the operation's, when the caller has parsed it already."""
         summary = admin_pb2.OperationSummary(
@@ -156,7 +160,8 @@ class AdminService:
             worker=operation.worker, attempts=operation.attempts,
             cancelled=operation.cancelled, priority=operation.priority,
             request_metadata=invocations.request_metadata(operation.request_metadata),
-            build=invocations.build_key(operation.request_metadata, operation.owner))
+            build=invocations.build_key(operation.request_metadata, operation.owner,
+                                        self._build_keys(operation.instance)))
         summary.queued.FromNanoseconds(int(operation.queued_at * 1e9))
         if response is None:
             response = _response(operation)
@@ -181,6 +186,7 @@ class AdminService:
                                   "COMPLETED")
         caller = principal.caller_on(request.instance_name)
         running_only = stage in ("QUEUED", "EXECUTING")
+        keys = self._build_keys(request.instance_name)
         selected = [op for op in await scheduler.list_operations(caller,
                                                                 running_only=running_only)
                     if (not stage or op.stage.name == stage)
@@ -189,7 +195,7 @@ class AdminService:
                     and (not request.submitter or op.owner == request.submitter)
                     and (not request.invocation
                          or invocations.of_build(op.request_metadata, op.owner,
-                                                 request.invocation))]
+                                                 request.invocation, keys))]
         page, token = paged(selected, instance=request.instance_name,
                             page_size=request.page_size, page_token=request.page_token,
                             newest_first=True)
