@@ -21,7 +21,6 @@ from typing import Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import status_pb2
 
 from buildfleet._proto.build.bazel.remote.asset.v1 import remote_asset_pb2 as ra_pb2
 from buildfleet._proto.build.bazel.remote.asset.v1 import remote_asset_pb2_grpc as ra_grpc
@@ -67,19 +66,22 @@ def _timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def _answer(fetched: Fetched) -> tuple[status_pb2.Status, dict[str, object]]:
-    """The response's status and the fields of a found asset."""
-    status = status_pb2.Status(code=fetched.code.value[0], message=fetched.message)
+def _answer(response: ra_pb2.FetchBlobResponse | ra_pb2.FetchDirectoryResponse,
+            fetched: Fetched, digest_field: str) -> None:
+    """Fill a Fetch response: its status, and what was found (the qualifiers it
+    satisfies, never the request headers; until when; the content's digest)."""
+    response.status.code = fetched.code.value[0]
+    response.status.message = fetched.message
+    response.uri = fetched.uri
     asset = fetched.asset
     if asset is None:
-        return status, {"uri": fetched.uri}
-    fields: dict[str, object] = {
-        "uri": fetched.uri, "digest_function": _SHA256,
-        "qualifiers": [ra_pb2.Qualifier(name=n, value=v) for n, v in asset.qualifiers
-                       if not n.startswith("buildfleet.")]}
+        return
+    response.digest_function = _SHA256
+    response.qualifiers.extend(ra_pb2.Qualifier(name=n, value=v) for n, v in asset.qualifiers
+                               if not n.startswith("buildfleet."))
     if asset.expire_at is not None:
-        fields["expires_at"] = _timestamp(asset.expire_at)
-    return status, fields
+        response.expires_at.CopyFrom(_timestamp(asset.expire_at))
+    getattr(response, digest_field).CopyFrom(_digest_proto(asset.digest))
 
 
 def _digest_proto(digest: Digest) -> re_pb2.Digest:
@@ -122,22 +124,17 @@ class FetchService(ra_grpc.FetchServicer):
     @rpc
     async def FetchBlob(self, request: ra_pb2.FetchBlobRequest,  # noqa: N802
                         context: grpc.aio.ServicerContext) -> ra_pb2.FetchBlobResponse:
-        fetched = await self._fetch(request, AssetKind.BLOB)
-        status, fields = _answer(fetched)
-        response = ra_pb2.FetchBlobResponse(status=status, **fields)  # type: ignore[arg-type]
-        if fetched.asset is not None:
-            response.blob_digest.CopyFrom(_digest_proto(fetched.asset.digest))
+        response = ra_pb2.FetchBlobResponse()
+        _answer(response, await self._fetch(request, AssetKind.BLOB), "blob_digest")
         return response
 
     @rpc
     async def FetchDirectory(self, request: ra_pb2.FetchDirectoryRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext
                              ) -> ra_pb2.FetchDirectoryResponse:
-        fetched = await self._fetch(request, AssetKind.DIRECTORY)
-        status, fields = _answer(fetched)
-        response = ra_pb2.FetchDirectoryResponse(status=status, **fields)  # type: ignore[arg-type]
-        if fetched.asset is not None:
-            response.root_directory_digest.CopyFrom(_digest_proto(fetched.asset.digest))
+        response = ra_pb2.FetchDirectoryResponse()
+        _answer(response, await self._fetch(request, AssetKind.DIRECTORY),
+                "root_directory_digest")
         return response
 
 
