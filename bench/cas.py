@@ -230,10 +230,10 @@ def find_missing_figures(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="buildfleet-bench-") as data:
             reuse = ["--data-dir", data]
-            with spawned_server(reuse) as (address, _):
+            with spawned_server(reuse, config=args.config_text) as (address, _):
                 after_upload.append(asyncio.run(find_missing_pass(address, args,
                                                                   upload=True))[0])
-            with spawned_server(reuse) as (address, _):
+            with spawned_server(reuse, config=args.config_text) as (address, _):
                 first, again = asyncio.run(find_missing_pass(address, args, upload=False))
                 fresh.append(first)
                 repeat.append(again)
@@ -254,11 +254,14 @@ def main() -> int:
     parser.add_argument("--find-missing", type=int, default=100_000,
                         help="digests asked of FindMissingBlobs by a spawned server, "
                              "after upload and after a restart (0: skip)")
+    parser.add_argument("--config", type=Path,
+                        help="the spawned server's configuration (YAML), e.g. s3 storage")
     args = parser.parse_args()
+    args.config_text = args.config.read_text() if args.config else None
     if args.target:
         figures = asyncio.run(run(args.target, args))
     else:
-        with spawned_server() as (address, process):
+        with spawned_server(config=args.config_text) as (address, process):
             figures = asyncio.run(run(address, args, process.pid))
         if args.find_missing:
             figures.update(find_missing_figures(args))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ import grpc
 import pytest
 from botprocess import BotProcess, SpawnBot
 from pgkit import StoreBackend, postgres_schema, store_backend
+from s3kit import SeaweedFS, seaweedfs
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import (
     remote_execution_pb2 as re_pb2,
@@ -142,6 +143,13 @@ async def pg_url() -> AsyncIterator[str]:
     """
     async with postgres_schema() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedFS]:
+    """One SeaweedFS for the session (tests/s3kit.py); each test takes a prefix."""
+    with seaweedfs() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

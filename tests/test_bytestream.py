@@ -13,6 +13,7 @@ import grpc
 import pytest
 import zstandard
 from conftest import RunningServer, StartServer, proto_digest
+from s3kit import s3_config
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
@@ -24,12 +25,25 @@ from buildfleet.server.bytestream.service import (
     ByteStreamService,
     encoded_read_response,
 )
-from buildfleet.storage.base import BlobWriter
+from buildfleet.storage.base import BlobStore, BlobWriter
 from buildfleet.storage.disk import DiskStore
+from buildfleet.storage.read_cache import ReadCachingStore
+from buildfleet.storage.s3 import S3Store
 from buildfleet.storage.split import SizeSplitStore
 
 MiB = 1024 * 1024
 HASH = "a" * 64
+
+
+@pytest.fixture(params=["default", "s3", "read-cache-s3"])
+async def grid(request: pytest.FixtureRequest, start_server: StartServer,
+               tmp_path: Path) -> RunningServer:
+    """The server with its default CAS, then with it in S3 (SeaweedFS, tests/s3kit.py),
+    then with S3 behind a local disk cache: the same cases on each."""
+    if request.param == "default":
+        return await start_server()
+    return await start_server(s3_config(request.getfixturevalue("s3_server"), tmp_path / "s3",
+                                        cached=request.param == "read-cache-s3"))
 
 
 def blob(size: int, seed: int = 0) -> bytes:
@@ -120,14 +134,27 @@ def service_of(grid: RunningServer) -> ByteStreamService:
     return next(s for s in grid.server.services if isinstance(s, ByteStreamService))
 
 
-def temp_dir(grid: RunningServer, instance: str = "") -> Path:
-    """Where the default CAS keeps unfinished uploads of large blobs (those above the
-    packed store's threshold stream into files)."""
-    store = grid.server.instances.get(instance).cas.store
-    if isinstance(store, SizeSplitStore):
-        store = store.large
-    assert isinstance(store, DiskStore)
-    return store.root / "tmp"
+def _layers(grid: RunningServer) -> list[BlobStore]:
+    store = grid.server.instances.get("").cas.store
+    layers = [store.backend, store.cache] if isinstance(store, ReadCachingStore) else [store]
+    return [layer.large if isinstance(layer, SizeSplitStore) else layer for layer in layers]
+
+
+def disk_layers(grid: RunningServer) -> int:
+    """How many disk stores an upload streams into (a read cache's is one more)."""
+    return sum(isinstance(layer, DiskStore) for layer in _layers(grid))
+
+
+async def leftovers(grid: RunningServer) -> int:
+    """What unfinished uploads hold in storage: files in the disk store's tmp, and
+    S3 multipart uploads not completed or aborted."""
+    count = 0
+    for layer in _layers(grid):
+        if isinstance(layer, DiskStore):
+            count += len(os.listdir(layer.root / "tmp"))
+        elif isinstance(layer, S3Store):
+            count += await layer.unfinished_uploads()
+    return count
 
 
 LARGE = 100_000  # above the default CAS's packed threshold: uploads go to files
@@ -250,7 +277,7 @@ async def test_write_then_read_back(grid: RunningServer, size: int) -> None:
     assert committed == size
     assert await read(grid, read_name(data)) == data
     assert not await missing(grid, data)
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
 
 
 async def test_large_reads_come_in_chunks_of_at_most_one_mib(grid: RunningServer) -> None:
@@ -362,7 +389,7 @@ async def test_write_digest_mismatch_stores_nothing(grid: RunningServer, corrupt
     assert Digest.of(data).hash in (error.details() or "")
     assert await missing(grid, data)
     assert await missing(grid, sent)
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
     assert service_of(grid).unfinished_uploads == 0
 
 
@@ -377,7 +404,7 @@ async def test_wrong_write_offset(grid: RunningServer) -> None:
     # a new upload must start at 0
     error = await error_of(write(grid, requests(upload_name(data), data[10:], start=10)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
 
 
 async def test_later_requests_must_name_the_same_resource(grid: RunningServer) -> None:
@@ -409,7 +436,7 @@ async def test_resumed_write(bytestream_grid: RunningServer) -> None:
         bs_pb2.QueryWriteStatusRequest(resource_name=name))
     assert (status.committed_size, status.complete) == (len(data), True)
     assert service_of(grid).unfinished_uploads == 0
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
 
 
 async def test_resume_at_a_wrong_offset_and_restart_at_zero(
@@ -427,7 +454,7 @@ async def test_resume_at_a_wrong_offset_and_restart_at_zero(
     # offset 0 restarts the upload, dropping the wrong bytes
     assert await write(grid, requests(name, data)) == len(data)
     assert await read(grid, read_name(data)) == data
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
 
 
 async def test_query_write_status_of_unknown_upload(grid: RunningServer) -> None:
@@ -514,7 +541,7 @@ async def test_client_cancellation_keeps_the_upload_resumable(
 
     await wait_until(resumed)
     assert await read(grid, read_name(data)) == data
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
 
 
 async def test_idle_uploads_are_aborted(bytestream_grid: RunningServer) -> None:
@@ -524,10 +551,10 @@ async def test_idle_uploads_are_aborted(bytestream_grid: RunningServer) -> None:
     data = blob(LARGE, seed=11)
     name = upload_name(data)
     assert await write(grid, requests(name, data[:400], finish=False)) == 400
-    assert len(os.listdir(temp_dir(grid))) == 1
+    assert await leftovers(grid) == disk_layers(grid)  # (S3 buffers small parts)
 
     async def gone() -> bool:
-        return service.unfinished_uploads == 0 and not os.listdir(temp_dir(grid))
+        return service.unfinished_uploads == 0 and await leftovers(grid) == 0
 
     await wait_until(gone)
     error = await error_of(grid.bytestream.QueryWriteStatus(
@@ -539,13 +566,14 @@ async def test_close_aborts_unfinished_uploads(grid: RunningServer) -> None:
     data = blob(LARGE, seed=12)
     await write(grid, requests(upload_name(data), data[:10], finish=False))
     await write(grid, requests(upload_name(data), data[:20], finish=False))
-    assert len(os.listdir(temp_dir(grid))) == 2
+    assert await leftovers(grid) == 2 * disk_layers(grid)
     await service_of(grid).close()
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
     assert service_of(grid).unfinished_uploads == 0
 
 
-async def test_cancelled_read_closes_the_blob(grid: RunningServer) -> None:
+async def test_cancelled_read_closes_the_blob(start_server: StartServer) -> None:
+    grid = await start_server()  # the default CAS: a disk store's open file
     data = blob(8 * MiB, seed=13)
     await write(grid, requests(upload_name(data), data, chunk=MiB))
     store = grid.server.instances.get("").cas.store
@@ -667,7 +695,7 @@ async def test_bad_compressed_upload(grid: RunningServer, problem: str) -> None:
     error = await error_of(write(grid, requests(upload_name(data, compressed=True), payload)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await missing(grid, data)
-    assert os.listdir(temp_dir(grid)) == []
+    assert await leftovers(grid) == 0
     assert service_of(grid).unfinished_uploads == 0
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from pgkit import postgres_schema
+from s3kit import ACCESS, BUCKET
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest
@@ -16,6 +18,7 @@ from buildfleet.errors import InvalidArgument, ResourceExhausted
 from buildfleet.storage import BlobStore, Cas, DiskStore, MemoryStore, SizeLimitedStore
 from buildfleet.storage.packed import PackedStore
 from buildfleet.storage.postgres import PostgresStore
+from buildfleet.storage.s3 import S3Store
 from buildfleet.storage.split import SizeSplitStore
 
 
@@ -36,9 +39,17 @@ async def read_all(store: BlobStore, digest: Digest, **kwargs: int) -> bytes:
         return b"".join([piece async for piece in reader.chunks(**kwargs)])
 
 
-@pytest.fixture(params=["disk", "memory", "postgres", "packed", "split"])
+@pytest.fixture(params=["disk", "memory", "postgres", "packed", "split", "s3"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
-    if request.param == "disk":
+    if request.param == "s3":  # (read-cache over s3: the CAS suites, tests/test_cas.py)
+        s3 = S3Store(BUCKET, prefix=f"{uuid.uuid4().hex}/",
+                     endpoint_url=request.getfixturevalue("s3_server").endpoint, **ACCESS)
+        await s3.start()
+        try:
+            yield s3
+        finally:
+            await s3.close()
+    elif request.param == "disk":
         yield DiskStore(tmp_path / "store")
     elif request.param == "memory":
         yield MemoryStore()

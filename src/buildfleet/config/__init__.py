@@ -58,6 +58,7 @@ from buildfleet.config.storage import (
     PostgresStorage,
     ReadCacheStorage,
     RemoteStorage,
+    S3Storage,
     SizeLimitedStorage,
     SplitStorage,
     StorageRef,
@@ -76,7 +77,7 @@ __all__ = [
     "PostgresConfig", "SplitStorage",
     "WebConfig",
     "PostgresStorage",
-    "ReadCacheStorage", "RemoteStorage", "SchedulerConfig", "ServerConfig",
+    "ReadCacheStorage", "RemoteStorage", "S3Storage", "SchedulerConfig", "ServerConfig",
     "SizeLimitedStorage", "StorageRef", "StorageSpec", "check_database", "check_instance_name",
     "default_action_cache", "default_assets", "default_cas", "instance_slug", "is_postgres_url",
     "load_config", "parse_config", "parse_listen_address",
@@ -258,7 +259,7 @@ class ServerConfig(Model):
                     raise ValueError(f"{where}: no storage named {ref!r} (storage: {known})")
             elif isinstance(ref, SizeLimitedStorage):
                 check(ref.backend, f"{where}.backend")
-                unbounded = kinds(ref.backend) & {"remote", "read-cache"}
+                unbounded = kinds(ref.backend) & {"remote", "read-cache", "s3"}
                 if unbounded:
                     raise ValueError(f"{where}.backend: size-limited cannot bound "
                                      f"{sorted(unbounded)[0]} storage (its blobs cannot be "
@@ -270,9 +271,11 @@ class ServerConfig(Model):
                 if isinstance(ref.cache, str) and ref.cache == ref.backend:
                     raise ValueError(f"{where}: backend and cache are the same storage "
                                      f"{ref.cache!r}")
-                if "remote" in kinds(ref.cache):
+                remote = kinds(ref.cache) & {"remote", "s3"}
+                if remote:
                     raise ValueError(f"{where}.cache: the cache of a read-cache must be local "
-                                     "storage (disk, memory, size-limited), not remote")
+                                     f"storage (disk, memory, size-limited), not "
+                                     f"{sorted(remote)[0]}")
             elif isinstance(ref, SplitStorage):
                 check(ref.small, f"{where}.small")
                 check(ref.large, f"{where}.large")
@@ -308,7 +311,7 @@ class ServerConfig(Model):
                     used |= kinds(ref)
             for key, ref in (("action-cache", instance.action_cache),
                              ("assets", instance.assets)):
-                cas_only = sorted(kinds(ref) & {"remote", "read-cache", "split"}) \
+                cas_only = sorted(kinds(ref) & {"remote", "read-cache", "split", "s3"}) \
                     if ref is not None else []
                 if cas_only:
                     raise ValueError(

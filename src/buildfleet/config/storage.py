@@ -132,6 +132,35 @@ class PackedStorage(Model):
     migrate_max_blob_size: ByteSize | None = Field(default=None, gt=0)
 
 
+class S3Storage(Model):
+    """Objects in an S3 bucket (Amazon S3 or an S3-compatible store); CAS only.
+
+    `endpoint-url` for S3-compatible servers (unset: AWS); `region`;
+    `access-key-id-file` and `secret-access-key-file` name files holding the
+    credentials (relative to the data dir; unset: the usual AWS sources, such as the
+    environment, ~/.aws or an instance role); `addressing-style` auto, path or
+    virtual; `timeout` per call; `max-concurrency` calls at once.  Needs
+    ``pip install 'buildfleet[s3]'``.
+    """
+
+    type: Literal["s3"]
+    bucket: str = Field(min_length=3)
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id_file: str | None = None
+    secret_access_key_file: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    timeout: float = Field(default=60.0, gt=0)
+    max_concurrency: int = Field(default=32, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check_credentials(self) -> S3Storage:
+        if (self.access_key_id_file is None) != (self.secret_access_key_file is None):
+            raise ValueError("access-key-id-file and secret-access-key-file go together")
+        return self
+
+
 class SplitStorage(Model):
     """Blobs up to `threshold` bytes in `small`, larger ones in `large` (CAS only):
     typically a packed store for the small ones and a disk store for the rest."""
@@ -143,10 +172,10 @@ class SplitStorage(Model):
 
 
 STORAGE_TYPES = frozenset({"disk", "memory", "size-limited", "remote", "read-cache",
-                           "postgres", "packed", "split"})
+                           "postgres", "packed", "split", "s3"})
 StorageSpec = Annotated[
     DiskStorage | MemoryStorage | SizeLimitedStorage | RemoteStorage | ReadCacheStorage
-    | PostgresStorage | PackedStorage | SplitStorage,
+    | PostgresStorage | PackedStorage | SplitStorage | S3Storage,
     Field(discriminator="type"),
 ]
 # A storage is either declared inline or named from the top-level `storage` map.

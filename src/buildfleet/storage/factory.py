@@ -19,6 +19,7 @@ from buildfleet.config import (
     PostgresStorage,
     ReadCacheStorage,
     RemoteStorage,
+    S3Storage,
     ServerConfig,
     SizeLimitedStorage,
     SplitStorage,
@@ -90,7 +91,30 @@ class StoreFactory:
                                                namespace=ref.namespace), ref)
         if isinstance(ref, ReadCacheStorage):
             return ReadCachingStore(self._part(ref.backend), self._part(ref.cache))
+        if isinstance(ref, S3Storage):
+            return self._s3(ref)
         raise TypeError(f"unknown storage {ref!r}")  # pragma: no cover - config admits no other
+
+    def _s3(self, ref: S3Storage) -> BlobStore:
+        try:
+            from buildfleet.storage.s3 import S3Store
+        except ImportError:
+            raise ConfigError("s3 storage needs aiobotocore: pip install 'buildfleet[s3]'"
+                              ) from None
+
+        def secret(path: str | None) -> str | None:
+            if path is None:
+                return None
+            try:
+                return self.config.data_path(path).read_text().strip()
+            except OSError as error:
+                raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+
+        return S3Store(ref.bucket, prefix=ref.prefix, endpoint_url=ref.endpoint_url,
+                       region=ref.region, access_key_id=secret(ref.access_key_id_file),
+                       secret_access_key=secret(ref.secret_access_key_file),
+                       addressing_style=ref.addressing_style, timeout=ref.timeout,
+                       max_concurrency=ref.max_concurrency)
 
     def _credentials(self, ref: RemoteStorage) -> ClientCredentials | None:
         if not ref.secure and ref.token_file is None:
