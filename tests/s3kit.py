@@ -140,3 +140,15 @@ def s3_config(server: SeaweedFS, directory: Path, *, cached: bool = False) -> di
     cas = ({"type": "read-cache", "backend": s3, "cache": {"type": "disk", "path": "s3-cache"}}
            if cached else s3)
     return {"instances": {"": {"cas": cas}}}
+
+
+@pytest.fixture(params=["default", "s3", "read-cache-s3"], name="grid")
+async def each_store_grid(request: pytest.FixtureRequest, start_server: Any,
+                          tmp_path: Path) -> Any:
+    """`grid` for the CAS and ByteStream suites: the server with its default CAS, then
+    with it in S3 (SeaweedFS), then with S3 behind a local disk cache -- the same
+    cases on each.  (A test module takes it with `from s3kit import each_store_grid`.)"""
+    if request.param == "default":
+        return await start_server()
+    return await start_server(s3_config(request.getfixturevalue("s3_server"), tmp_path / "s3",
+                                        cached=request.param == "read-cache-s3"))

@@ -6,14 +6,13 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import zstandard
 from conftest import RunningServer, StartServer, proto_digest
-from s3kit import s3_config
+from s3kit import each_store_grid  # noqa: F401 - the `grid` of this module's tests
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet._proto.google.bytestream import bytestream_pb2 as bs_pb2
@@ -33,17 +32,6 @@ from buildfleet.storage.split import SizeSplitStore
 
 MiB = 1024 * 1024
 HASH = "a" * 64
-
-
-@pytest.fixture(params=["default", "s3", "read-cache-s3"])
-async def grid(request: pytest.FixtureRequest, start_server: StartServer,
-               tmp_path: Path) -> RunningServer:
-    """The server with its default CAS, then with it in S3 (SeaweedFS, tests/s3kit.py),
-    then with S3 behind a local disk cache: the same cases on each."""
-    if request.param == "default":
-        return await start_server()
-    return await start_server(s3_config(request.getfixturevalue("s3_server"), tmp_path / "s3",
-                                        cached=request.param == "read-cache-s3"))
 
 
 def blob(size: int, seed: int = 0) -> bytes:

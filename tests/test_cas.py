@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from pathlib import Path
 
 import grpc
 import pytest
 import zstandard
 from conftest import RunningServer, StartServer, proto_digest
 from google.rpc import code_pb2
-from s3kit import s3_config
+from s3kit import each_store_grid  # noqa: F401 - the `grid` of this module's tests
 
 from buildfleet._proto.build.bazel.remote.execution.v2 import remote_execution_pb2 as re_pb2
 from buildfleet.digest import EMPTY_DIGEST, Digest
@@ -34,17 +33,6 @@ async def remove_behind_the_servers_back(grid: RunningServer, digest: Digest) ->
     layers = [store.backend, store.cache] if isinstance(store, ReadCachingStore) else [store]
     deleted = [await layer.delete(digest) for layer in layers]
     assert any(deleted), f"{digest} was not stored"
-
-
-@pytest.fixture(params=["default", "s3", "read-cache-s3"])
-async def grid(request: pytest.FixtureRequest, start_server: StartServer,
-               tmp_path: Path) -> RunningServer:
-    """The server with its default CAS, then with it in S3 (SeaweedFS, tests/s3kit.py),
-    then with S3 behind a local disk cache: the same cases on each."""
-    if request.param == "default":
-        return await start_server()
-    return await start_server(s3_config(request.getfixturevalue("s3_server"), tmp_path / "s3",
-                                        cached=request.param == "read-cache-s3"))
 
 
 def key(digest: re_pb2.Digest) -> tuple[str, int]:
