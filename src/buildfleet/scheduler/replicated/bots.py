@@ -219,6 +219,13 @@ async def _claim(tx: Tx, session: Row, properties: Properties, slots: int,
     return claimed
 
 
+def _builds(job: str) -> str:
+    """The builds of the job row `job` waits for: its own, or the anonymous build ""
+    (rules.matching's `job.builds or ("",)`)."""
+    return (f"(CASE WHEN cardinality({job}.builds) = 0 THEN ARRAY['']::text[] "
+            f"ELSE {job}.builds END)")
+
+
 # The claim: `rules.matching` in SQL (tests/contract/test_claim_agrees.py holds it to
 # the core).  A job the bot can run (its properties contain the requirements), that
 # it did not fail -- or, when it did, whose back-off is over and that no other live
@@ -235,15 +242,12 @@ _ELIGIBLE = f"""
                      AND s.properties @> j.requirements AND NOT j.failed_on ? s.bot_id)))"""
 # Most urgent first (fair-builds off), or oldest first for an age-guard pick (with
 # max-running-per-build: only jobs a build under its limit waits for).
-_BUILDS = "(CASE WHEN cardinality(j.builds) = 0 THEN ARRAY['']::text[] ELSE j.builds END)"
 _UNDER_LIMIT = f"""
           AND (%(limit)s::int IS NULL OR EXISTS (
-               SELECT 1 FROM unnest({_BUILDS}) AS b(build)
+               SELECT 1 FROM unnest({_builds("j")}) AS b(build)
                WHERE (SELECT count(*) FROM grid_jobs r
                       WHERE r.instance = j.instance AND r.stage = {EXECUTING}
-                        AND b.build = ANY(CASE WHEN cardinality(r.builds) = 0
-                                          THEN ARRAY['']::text[] ELSE r.builds END))
-                     < %(limit)s))"""
+                        AND b.build = ANY({_builds("r")})) < %(limit)s))"""
 _PICK = f"""
         SELECT j.id FROM grid_jobs j WHERE {_ELIGIBLE} {{limit}}
         ORDER BY {{order}} LIMIT %(slots)s FOR UPDATE SKIP LOCKED"""
@@ -270,8 +274,7 @@ CLAIM_CHOSEN = _CLAIM.format(pick=_CHOSEN)
 # schema version 10), indexed by build, then urgency.  The running actions per build:
 _LOADS = f"""
     SELECT b.build, count(*) AS running
-    FROM grid_jobs r CROSS JOIN LATERAL unnest(CASE WHEN cardinality(r.builds) = 0
-        THEN ARRAY['']::text[] ELSE r.builds END) AS b(build)
+    FROM grid_jobs r CROSS JOIN LATERAL unnest({_builds("r")}) AS b(build)
     WHERE r.instance = %(instance)s AND r.stage = {EXECUTING}
     GROUP BY b.build"""
 # Each build's most urgent queued job (whoever can run it), one index probe per

@@ -32,6 +32,7 @@ from buildfleet.server.asset.fetcher import AssetFetcher, Fetched, FetchRequest
 from buildfleet.server.asset.qualifiers import RequestQualifiers, parse_qualifiers
 from buildfleet.server.instance import Instances
 from buildfleet.server.rpc import add_service, rpc
+from buildfleet.storage.action_cache import digest_proto
 from buildfleet.storage.assets import Asset, AssetKind
 
 _SHA256 = re_pb2.DigestFunction.SHA256
@@ -81,11 +82,7 @@ def _answer(response: ra_pb2.FetchBlobResponse | ra_pb2.FetchDirectoryResponse,
                                if not n.startswith("buildfleet."))
     if asset.expire_at is not None:
         response.expires_at.CopyFrom(_timestamp(asset.expire_at))
-    getattr(response, digest_field).CopyFrom(_digest_proto(asset.digest))
-
-
-def _digest_proto(digest: Digest) -> re_pb2.Digest:
-    return re_pb2.Digest(hash=digest.hash, size_bytes=digest.size_bytes)
+    getattr(response, digest_field).CopyFrom(digest_proto(asset.digest))
 
 
 class FetchService(ra_grpc.FetchServicer):
